@@ -1,0 +1,1 @@
+"""RecognitionCore: what NoduleDetect, OrganSegment and SurgeryPlan share (Qt-free, runs in Slicer and outside it)."""
