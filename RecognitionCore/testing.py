@@ -17,6 +17,8 @@ import unittest
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 SHARED_DATA_ENV = "MIR_SHARED_DATA"
 
 
@@ -40,6 +42,18 @@ def shared_data_dir() -> Path:
         if candidate and (Path(candidate) / "README.md").is_file():
             return Path(candidate)
     raise unittest.SkipTest(f"real CT data not found (../shared/data or ${SHARED_DATA_ENV})")
+
+
+def ct_like_volume_node(name: str, slices: int = 24):
+    """A small CT-like volume node in HU (0.8 x 0.8 x 2.5 mm voxels): air around a soft-tissue body with a bone."""
+    import slicer.util  # here, so that the rest of this module needs no MRML
+
+    _, j, i = np.indices((slices, 48, 48))
+    array = np.where(((j - 24) / 19) ** 2 + ((i - 24) / 22) ** 2 < 1, 40, -1000).astype(np.int16)
+    array[:, 24:30, 21:27] = 700
+    node = slicer.util.addVolumeFromArray(array, name=name)
+    node.SetSpacing(0.8, 0.8, 2.5)
+    return node
 
 
 def _make_fixture(name: str, cleanups: list):
