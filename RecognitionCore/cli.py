@@ -1,0 +1,270 @@
+"""Command line: the same logic as the Slicer modules, for batch work on files and DICOM folders.
+
+    python -m RecognitionCore.cli prepare [--input CT ...] [--output DIR]   # check + preprocess; .mrb, PNG, JSON
+    python -m RecognitionCore.cli phantom --kind chest --output DIR          # a generated CT with its ground truth
+    python -m RecognitionCore.cli models                                     # the model catalogue
+
+Without ``--input``, ``prepare`` runs on a generated chest phantom, so it works with no data and no network.
+Each case is written to its own files; a failing case is reported and the others go on (exit status 1 if any failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional
+
+from .errors import RecognitionError
+
+DEFAULT_PHANTOM_SIZE_IJK = (192, 192, 120)
+DEFAULT_PHANTOM_SPACING_MM = (1.6, 1.6, 2.5)
+
+
+@dataclass
+class PreparedCase:
+    """What ``prepare_case`` made: output files and the numbers a user checks."""
+
+    name: str
+    files: dict = field(default_factory=dict)
+    size: tuple = ()
+    spacing_mm: tuple = ()
+    prepared_size: tuple = ()
+    prepared_spacing_mm: tuple = ()
+    body_volume_ml: float = 0.0
+    lung_volume_ml: float = 0.0
+    warnings: List[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+
+
+def _mask_volume_ml(mask) -> float:
+    import numpy as np
+    import SimpleITK as sitk
+
+    return float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * float(np.prod(mask.GetSpacing())) / 1000.0
+
+
+def prepare_case(load_input: Callable, name: str, output_dir: Path, spacing_mm: Optional[float],
+                 denoise_method: str, progress=None) -> PreparedCase:
+    """Load one CT into a fresh scene, check it, preprocess it, add the results as new nodes, save everything.
+
+    ``load_input(scene) -> (volume_node, extra)`` puts the input into the scene; ``extra`` may hold a phantom's
+    truth. The input node is never modified; the scene, the PNG preview and the JSON summary go to ``output_dir``.
+    """
+    import numpy as np
+    import SimpleITK as sitk
+
+    from . import io, preprocessing, preview, scene
+    from .headless import create_app
+    from .progress import as_progress
+    from .volumes import sitk_to_volume_node, volume_node_to_sitk
+
+    progress = as_progress(progress)
+    result = PreparedCase(name=name)
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        result.seconds[step] = round(now - clock, 3)
+        clock = now
+
+    app = create_app()
+    progress.report(0.0, f"{name}: loading")
+    input_node, phantom = load_input(app.scene)
+    image = volume_node_to_sitk(input_node)
+    lap("load")
+
+    progress.report(0.15, f"{name}: checking the CT")
+    report = preprocessing.validate_ct(image)
+    result.size, result.spacing_mm, result.warnings = tuple(report.size), tuple(report.spacing_mm), list(report.warnings)
+
+    progress.report(0.25, f"{name}: body and lungs")
+    body = preprocessing.body_mask(image)
+    lungs = preprocessing.lung_mask_coarse(image, body)
+    result.body_volume_ml, result.lung_volume_ml = _mask_volume_ml(body), _mask_volume_ml(lungs)
+    lap("body_and_lungs")
+
+    progress.report(0.5, f"{name}: cropping, resampling, denoising")
+    prepared = preprocessing.crop(preprocessing.replace_padding(image), preprocessing.bounding_box(body, 5.0))
+    if spacing_mm:
+        prepared = preprocessing.resample_to_spacing(prepared, (spacing_mm,) * 3)
+    if denoise_method != "none":
+        prepared = preprocessing.denoise(prepared, denoise_method)
+    result.prepared_size, result.prepared_spacing_mm = prepared.GetSize(), prepared.GetSpacing()
+    lap("crop_resample_denoise")
+
+    progress.report(0.75, f"{name}: adding results to the scene")
+    with scene.NewNodes(app.scene):
+        outputs = [sitk_to_volume_node(prepared, f"{input_node.GetName()} preprocessed", scene=app.scene)]
+        labelmap = sitk.GetArrayFromImage(body).astype(np.uint8)
+        labelmap[sitk.GetArrayViewFromImage(lungs) > 0] = 2
+        outputs.append(scene.add_segmentation_from_labelmap(labelmap, input_node, {1: "body", 2: "lungs"},
+                                                            f"{input_node.GetName()} body and lungs"))
+        if phantom is not None:
+            outputs += _add_phantom_truth(scene, phantom, input_node)
+        steps = [{"Step": step, "Seconds": seconds} for step, seconds in result.seconds.items()]
+        outputs.append(scene.add_table(steps, f"{input_node.GetName()} preprocessing", units={"Seconds": "s"}))
+        outputs.append(scene.add_table(
+            [{"Measure": "Body volume", "Value": round(result.body_volume_ml, 1), "Unit": "mL"},
+             {"Measure": "Lung volume (coarse)", "Value": round(result.lung_volume_ml, 1), "Unit": "mL"}],
+            f"{input_node.GetName()} volumes"))
+        scene.place_under_study(outputs, input_node, folder_name="MedicalImageRecognition")
+
+    progress.report(0.85, f"{name}: saving")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result.files["scene"] = str(io.save_scene(app.scene, output_dir / f"{name}.mrb"))
+    points = [nodule.center_lps_mm for nodule in phantom.nodules] if phantom is not None else None
+    result.files["preview"] = str(preview.save_preview_png(
+        image, output_dir / f"{name}.png", overlays={"Body": (body, (0.3, 0.85, 0.3)), "Lungs": (lungs, (0.2, 0.6, 1.0))},
+        points_lps_mm=points, title=f"{name}: {' x '.join(map(str, result.size))} voxels"))
+    lap("save")
+    summary_path = output_dir / f"{name}.json"
+    result.files["summary"] = str(summary_path)
+    summary_path.write_text(json.dumps(result.__dict__, indent=2, default=_json_default))
+    app.scene.Clear(1)
+    progress.report(1.0, f"{name}: done")
+    return result
+
+
+def _json_default(value):
+    return [float(v) for v in value] if hasattr(value, "__iter__") else str(value)
+
+
+def _add_phantom_truth(scene, phantom, input_node) -> list:
+    """The phantom's ground truth as a segmentation and a point list of its nodules."""
+    import SimpleITK as sitk
+
+    truth = scene.add_segmentation_from_labelmap(sitk.GetArrayFromImage(phantom.labels), input_node,
+                                                 dict(phantom.label_names), "Ground truth (phantom)")
+    nodes = [truth]
+    if phantom.nodules:
+        nodes.append(scene.add_point_list(
+            [nodule.center_lps_mm for nodule in phantom.nodules], "Ground-truth nodules",
+            labels=[f"T{nodule.id}" for nodule in phantom.nodules],
+            descriptions=[f"{nodule.diameter_mm:.1f} mm {nodule.type}, {nodule.location}" for nodule in phantom.nodules]))
+    return nodes
+
+
+def _phantom_loader(seed: int, size_ijk, spacing_mm):
+    def load(scene):
+        from .phantoms import make_chest_ct
+        from .volumes import sitk_to_volume_node
+
+        phantom = make_chest_ct(size_ijk=tuple(size_ijk), spacing_mm=tuple(spacing_mm), seed=seed)
+        return sitk_to_volume_node(phantom.image, f"Chest phantom {seed}", scene=scene), phantom
+    return load
+
+
+def _file_loader(path: Path):
+    def load(scene):
+        from .io import load_volume
+
+        return load_volume(path, scene), None
+    return load
+
+
+def _print_progress(fraction: float, message: str) -> None:
+    print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
+
+
+def run_prepare(args) -> int:
+    from .io import default_node_name
+    from .progress import Progress
+
+    if args.input:
+        cases = [(default_node_name(path), _file_loader(Path(path))) for path in args.input]
+    else:
+        cases = [(f"chest_phantom_{args.phantom_seed}",
+                  _phantom_loader(args.phantom_seed, args.phantom_size, args.phantom_spacing))]
+    failures = 0
+    for name, loader in cases:
+        try:
+            result = prepare_case(loader, name, Path(args.output), args.spacing_mm, args.denoise,
+                                  Progress(None if args.quiet else _print_progress))
+        except RecognitionError as error:
+            failures += 1
+            print(f"{name}: FAILED: {error}", file=sys.stderr)
+            continue
+        print(f"{name}: {' x '.join(map(str, result.size))} voxels at "
+              f"{' x '.join(f'{s:.2f}' for s in result.spacing_mm)} mm -> prepared "
+              f"{' x '.join(map(str, result.prepared_size))}; body {result.body_volume_ml:.0f} mL, "
+              f"lungs {result.lung_volume_ml:.0f} mL; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+        for warning in result.warnings:
+            print(f"{name}: warning: {warning}")
+        for kind, path in result.files.items():
+            print(f"{name}: {kind}: {path}")
+    return 1 if failures else 0
+
+
+def run_phantom(args) -> int:
+    from . import phantoms
+
+    make = phantoms.make_chest_ct if args.kind == "chest" else phantoms.make_abdomen_ct
+    phantom = make(size_ijk=tuple(args.size), spacing_mm=tuple(args.spacing), seed=args.seed)
+    for kind, path in phantom.save(Path(args.output), seriesuid=f"{args.kind}_phantom_{args.seed}").items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def run_models(args) -> int:
+    from .models import Catalogue
+
+    catalogue = Catalogue.with_user_manifests(args.manifest_dir or [])
+    for model_id in catalogue.ids():
+        card = catalogue.get(model_id)
+        kind = "MONAI bundle" if card.is_bundle else "weights"
+        print(f"{model_id}\t{card.task}\t{kind}\t{card.title}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m RecognitionCore.cli", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    prepare = commands.add_parser("prepare", help="check and preprocess CTs; write a .mrb scene, PNG and JSON each")
+    prepare.add_argument("--input", action="append", help="CT file (NRRD, NIfTI, MetaImage) or DICOM folder; "
+                                                          "repeat for batch. Default: a generated chest phantom")
+    prepare.add_argument("--output", default="out", help="output folder (default: out)")
+    prepare.add_argument("--spacing-mm", type=float, default=1.5,
+                         help="isotropic spacing of the preprocessed volume in mm (0: keep; default 1.5)")
+    prepare.add_argument("--denoise", choices=("median", "gaussian", "curvature_anisotropic", "none"),
+                         default="gaussian", help="denoising of the preprocessed volume (default: gaussian)")
+    prepare.add_argument("--phantom-seed", type=int, default=0)
+    prepare.add_argument("--phantom-size", type=int, nargs=3, default=DEFAULT_PHANTOM_SIZE_IJK, metavar=("I", "J", "K"))
+    prepare.add_argument("--phantom-spacing", type=float, nargs=3, default=DEFAULT_PHANTOM_SPACING_MM,
+                         metavar=("X", "Y", "Z"))
+    prepare.add_argument("--quiet", action="store_true", help="no progress lines")
+    prepare.set_defaults(run=run_prepare)
+
+    phantom = commands.add_parser("phantom", help="write a generated CT with its ground truth (NRRD + CSV)")
+    phantom.add_argument("--kind", choices=("chest", "abdomen"), default="chest")
+    phantom.add_argument("--output", required=True)
+    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--size", type=int, nargs=3, default=DEFAULT_PHANTOM_SIZE_IJK, metavar=("I", "J", "K"))
+    phantom.add_argument("--spacing", type=float, nargs=3, default=DEFAULT_PHANTOM_SPACING_MM, metavar=("X", "Y", "Z"))
+    phantom.set_defaults(run=run_phantom)
+
+    models = commands.add_parser("models", help="list the model catalogue")
+    models.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
+    models.set_defaults(run=run_models)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    import vtk
+
+    vtk.vtkObject.GlobalWarningDisplayOff()  # VTK's own log lines are not for the user; errors are raised as ours
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except RecognitionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
