@@ -24,6 +24,7 @@ from .progress import CancelToken, Progress, as_progress
 from .slicer_module import (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest,
                             ScriptedLoadableModuleWidget)
 from .testing import assert_raises, ct_like_volume_node, run_test_functions
+from .volumes import volume_node_to_sitk
 
 __all__ = ["RecognitionModule", "RecognitionModuleWidget", "RecognitionModuleLogic", "RecognitionModuleTest",
            "module_logic_class"]
@@ -192,8 +193,7 @@ class RecognitionModuleLogic(ScriptedLoadableModuleLogic):
 
         Raises InputError, with a message for the user, for a missing, 2D, empty or non-CT volume.
         """
-        from .device import choose_device, describe_device  # need torch: see the module docstring
-        from .volumes import volume_node_to_sitk
+        from .device import choose_device, describe_device  # needs torch: see the module docstring
 
         progress = as_progress(progress)
         if volume_node is None:

@@ -29,8 +29,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import InputError, RecognitionError
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])  # its own inverse; applies to points and direction vectors alike
+from .volumes import lps_to_ras
 
 # Node reference role from each output node to the input volume it was computed from (provenance).
 INPUT_VOLUME_REFERENCE_ROLE = "referenceVolume"
@@ -142,12 +141,6 @@ def _scene_of(node, what: str):
 # --------------------------------------------------------------------------------------------------------------------
 # Coordinates
 # --------------------------------------------------------------------------------------------------------------------
-
-def lps_to_ras(points_lps_mm) -> np.ndarray:
-    """LPS (ITK) to RAS (Slicer) coordinates: negate x and y. Works on one point (3,) or many (N, 3)."""
-    points = np.asarray(points_lps_mm, dtype=float)
-    return points @ LPS_TO_RAS.T
-
 
 def _points_array(points, what: str) -> np.ndarray:
     array = np.asarray(points, dtype=float)

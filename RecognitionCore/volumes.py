@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 import slicer
-import torch
 import vtk
 from slicer import util
 
@@ -116,12 +115,16 @@ def array_to_sitk(array_kji: np.ndarray, reference: sitk.Image) -> sitk.Image:
     return image
 
 
-def sitk_to_metatensor(image: sitk.Image, dtype=torch.float32):
-    """A channel-first MetaTensor (1, I, J, K) with the RAS affine over (i, j, k), as MONAI's LoadImage gives."""
+def sitk_to_metatensor(image: sitk.Image, dtype=None):
+    """A channel-first float32 MetaTensor (1, I, J, K) with the RAS affine over (i, j, k), as MONAI's LoadImage gives.
+
+    torch and MONAI are imported here, not at the top, so that the rest of the geometry path works without them.
+    """
+    import torch
     from monai.data import MetaTensor
 
     array_ijk = sitk.GetArrayViewFromImage(image).transpose(2, 1, 0)
-    tensor = torch.as_tensor(np.ascontiguousarray(array_ijk)).to(dtype)[None]
+    tensor = torch.as_tensor(np.ascontiguousarray(array_ijk)).to(dtype or torch.float32)[None]
     return MetaTensor(tensor, affine=torch.as_tensor(ijk_to_ras_from_sitk(image), dtype=torch.float64))
 
 
@@ -132,7 +135,7 @@ def metatensor_to_sitk(tensor, channel: int = 0) -> sitk.Image:
     return set_sitk_geometry_from_ijk_to_ras(image, np.asarray(tensor.affine, dtype=float))
 
 
-def volume_node_to_metatensor(volume_node, dtype=torch.float32):
+def volume_node_to_metatensor(volume_node, dtype=None):
     return sitk_to_metatensor(volume_node_to_sitk(volume_node), dtype)
 
 
