@@ -20,8 +20,8 @@ from typing import Callable, List, Optional
 
 from .errors import RecognitionError
 
-DEFAULT_PHANTOM_SIZE_IJK = (192, 192, 120)
-DEFAULT_PHANTOM_SPACING_MM = (1.6, 1.6, 2.5)
+DEFAULT_PHANTOM_SIZE_IJK = (256, 256, 128)
+DEFAULT_PHANTOM_SPACING_MM = (1.4, 1.4, 2.5)
 
 
 @dataclass

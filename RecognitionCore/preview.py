@@ -61,7 +61,7 @@ def save_preview_png(image: sitk.Image, path, overlays: Optional[dict] = None,
         axis.imshow(view, cmap="gray", vmin=window_hu[0], vmax=window_hu[1], interpolation="bilinear",
                     extent=(0, view.shape[1] * spacing[column_axis], view.shape[0] * spacing[row_axis], 0))
         for mask, color in (overlays or {}).values():
-            mask_view = _slices(sitk.GetArrayViewFromImage(_reoriented(mask)) > 0, center_index)[view_index]
+            mask_view = _slices(sitk.GetArrayFromImage(_reoriented(mask)) > 0, center_index)[view_index]
             if mask_view.any():
                 axis.contour(columns_mm, rows_mm, mask_view.astype(np.float32), levels=[0.5], colors=[color],
                              linewidths=1.2)
