@@ -1,0 +1,154 @@
+"""One-shot check of device choice and the sliding-window runner on a CUDA GPU (about a minute on an H100).
+
+    python bench/gpu_check.py              # on the lent GPU machine: checks + 512x512x300 throughput table
+    python bench/gpu_check.py --cpu-smoke  # same code paths on CPU with small volumes (no GPU-only checks)
+
+Checks: slab result == whole-volume MONAI (float32, and within AMP tolerance under autocast), AMP labels agree with
+float32 MONAI labels on >= 99.9% of voxels (or differ only where the float32 top-two logits are closer than the AMP
+tolerance: an untrained network has many near-ties), cancel raises ``Cancelled`` and leaves GPU memory where it was.
+Exits 1 when a check fails, 2 when no working CUDA device was found without --cpu-smoke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.networks.nets import UNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sliding_window import format_table, measure_throughput, synthetic_ct  # noqa: E402
+
+from RecognitionCore.device import choose_device, describe_device  # noqa: E402
+from RecognitionCore.errors import Cancelled  # noqa: E402
+from RecognitionCore.inference import SlidingWindowRunner  # noqa: E402
+from RecognitionCore.progress import CancelToken, Progress  # noqa: E402
+
+ROI = (32, 48, 48)
+FLOAT32_TOLERANCE = 1e-3  # TF32 off for this check; cuDNN may still pick other algorithms: close, not bitwise
+AMP_TOLERANCE = 0.1  # float16 windows: ~1e-2 on logits of ~10; a misplaced window would differ by ~1
+MIN_AMP_LABEL_AGREEMENT = 0.999
+
+failures = []
+
+
+def check(name: str, passed: bool, detail: str) -> None:
+    print(f"{'PASS' if passed else 'FAIL'}  {name}: {detail}", flush=True)
+    if not passed:
+        failures.append(name)
+
+
+def small_network(device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(8, 16, 32), strides=(2, 2),
+                num_res_units=1).to(device).eval()
+
+
+def monai_logits(network, volume: np.ndarray, device: torch.device, amp: bool) -> np.ndarray:
+    inputs = torch.from_numpy(volume)[None, None].to(device)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=amp and device.type == "cuda"):
+        logits = sliding_window_inference(inputs, ROI, 4, network, overlap=0.25, mode="gaussian")
+    return logits[0].float().cpu().numpy()
+
+
+def check_runner(device: torch.device, shape) -> None:
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # TF32 convolutions round like float16: "float32" must mean float32 here
+    try:
+        compare_with_monai(device, shape)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+def compare_with_monai(device: torch.device, shape) -> None:
+    network = small_network(device)
+    volume = synthetic_ct(shape, seed=1)
+    expected = monai_logits(network, volume, device, amp=False)
+    expected_amp = monai_logits(network, volume, device, amp=True)
+    for amp in (False, True):
+        runner = SlidingWindowRunner(network, ROI, sw_batch_size=4, overlap=0.25, device=device, amp=amp,
+                                     memory_budget_bytes=1)
+        logits = runner(volume, output="logits")
+        reference, tolerance = (expected_amp, AMP_TOLERANCE) if amp else (expected, FLOAT32_TOLERANCE)
+        difference = float(np.abs(logits - reference).max())
+        largest = float(np.abs(reference).max())
+        check(f"slabs == whole-volume MONAI ({'AMP' if runner.amp else 'float32'})", difference < tolerance,
+              f"max |difference| {difference:.2e} (tolerance {tolerance:g}, |logits| up to {largest:.1f})")
+        labels = runner(volume, output="labels")
+        disagreeing = labels != expected.argmax(0)
+        agreement = 1 - float(np.mean(disagreeing))
+        ranked = np.sort(expected, axis=0)
+        margins = (ranked[-1] - ranked[-2])[disagreeing]  # float32 gap between the two best classes
+        widest = float(margins.max()) if margins.size else 0.0
+        required = MIN_AMP_LABEL_AGREEMENT if runner.amp else 1 - 1e-5
+        check(f"labels ({'AMP' if runner.amp else 'float32'}) == argmax of float32 MONAI",
+              agreement >= required or (runner.amp and widest < AMP_TOLERANCE),
+              f"{agreement:.6f} of voxels agree (required {required}, or only near-ties differ); "
+              f"widest float32 margin among differing voxels {widest:.2e}")
+    check_cancel(network, volume, device)
+
+
+def check_cancel(network, volume: np.ndarray, device: torch.device) -> None:
+    runner = SlidingWindowRunner(network, ROI, sw_batch_size=2, device=device, memory_budget_bytes=1)
+    runner(volume)  # warm-up: persistent library workspaces belong to the baseline
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    baseline = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    token = CancelToken()
+    reports = []
+
+    def cancel_after_second(fraction, message):
+        reports.append(fraction)
+        if len(reports) == 2:
+            token.cancel()
+
+    cancelled = None
+    try:
+        runner(volume, output="probabilities", probability_dtype=np.float16,
+               progress=Progress(cancel_after_second, token))
+    except Cancelled as error:
+        cancelled = error
+    check("cancel raises Cancelled", cancelled is not None, f"after {len(reports)} reports")
+    if device.type != "cuda":
+        return
+    while_alive = torch.cuda.memory_allocated(device) - baseline
+    cancelled = None
+    gc.collect()
+    after = torch.cuda.memory_allocated(device) - baseline
+    check("cancel frees GPU memory", while_alive == 0 and after == 0,
+          f"{while_alive} bytes above baseline while the error is held, {after} after it is dropped")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-smoke", action="store_true", help="run every code path on CPU with small volumes")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    device = choose_device("auto")
+    print(f"choose_device('auto') = {device}; describe_device = {describe_device(device)}; torch {torch.__version__}")
+    if args.cpu_smoke:
+        device = choose_device("cpu")
+    elif device.type != "cuda":
+        print("No working CUDA device; run with --cpu-smoke for the CPU code paths.")
+        return 2
+    check_runner(device, (40, 96, 80) if args.cpu_smoke else (96, 160, 144))
+    shape = (64, 128, 128) if args.cpu_smoke else (300, 512, 512)
+    result = measure_throughput(synthetic_ct(shape), device, roi_size=(96, 96, 96), sw_batch_size=4, overlap=0.25,
+                                repeats=1 if args.cpu_smoke else 2, amp=True)
+    print(format_table(result))
+    print(f"(label agreement of the AMP runner with float32 plain MONAI is informative only: an untrained network "
+          f"has many near-tied voxels; {result['label_agreement']:.6f})")
+    print(f"{len(failures)} check(s) failed{': ' + ', '.join(failures) if failures else ''}; "
+          f"{time.perf_counter() - started:.0f} s in all")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
