@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import scipy.ndimage as ndi
 import SimpleITK as sitk
 
 from .errors import InputError, ModelError
@@ -362,18 +361,16 @@ def lung_mask_coarse(image: sitk.Image, body: Optional[sitk.Image] = None, thres
     else:
         _check_same_grid(image, body, "body mask")
     air = (sitk.GetArrayViewFromImage(image) < threshold_hu) & (sitk.GetArrayViewFromImage(body) != 0)
-    labels, count = ndi.label(air)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    sizes[np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                    labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))] = 0
-    sizes[0] = 0
-    if not sizes.any():
+    labels, sizes = _components_by_size(air)
+    for edge in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        sizes[edge] = 0
+    enclosed = np.flatnonzero(sizes)  # from the largest, as labelled
+    if enclosed.size == 0:
         raise InputError(f"no air (< {threshold_hu:g} HU) enclosed by the body: does this CT contain the lungs?")
-    largest, second = np.argsort(sizes)[::-1][:2]
-    keep = [largest]
-    if sizes[second] > 0 and sizes[second] >= second_component_min_fraction * sizes[largest]:
-        keep.append(second)
-    return _mask_image(np.isin(labels, keep), image)
+    lungs = labels == enclosed[0]
+    if enclosed.size > 1 and sizes[enclosed[1]] >= second_component_min_fraction * sizes[enclosed[0]]:
+        lungs |= labels == enclosed[1]
+    return _mask_image(lungs, image)
 
 
 def bounding_box(mask: sitk.Image, margin_mm: SpacingLike = 0.0) -> BoundingBox:
@@ -431,35 +428,112 @@ def _check_box(box: BoundingBox, image: sitk.Image) -> None:
 
 
 def _open_largest_component(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> Optional[np.ndarray]:
-    """Opening by a ball of ``radius_mm`` (exact Euclidean, via distance maps), keeping the largest component of the
-    eroded mask so that what erosion detached (the table) is not grown back."""
-    eroded = mask if radius_mm <= 0 else _distance_mm_to(~mask, spacing) > radius_mm
-    labels, count = ndi.label(eroded)
-    if count == 0:
+    """Opening by a ball of ``radius_mm`` (exact: every voxel offset within ``radius_mm``), keeping the largest
+    component of the eroded mask so that what erosion detached (the table) is not grown back.
+
+    It works on the bounding box of ``mask`` grown by the radius: erosion and dilation cannot reach beyond it."""
+    margin_voxels = [int(math.ceil(radius_mm / s)) if radius_mm > 0 else 0 for s in spacing]
+    box = _bounding_slices(mask, margin_voxels)
+    region = mask[box]
+    eroded = region if radius_mm <= 0 else _ball_morphology(region, spacing, radius_mm, erode=True)
+    if not eroded.any():
         return None
-    largest = labels == (np.argmax(np.bincount(labels.ravel())[1:]) + 1)
-    if radius_mm <= 0:
-        return largest
-    return (_distance_mm_to(largest, spacing) <= radius_mm) & mask
+    labels, _ = _components_by_size(eroded)
+    largest = labels == 1
+    opened = np.zeros_like(mask)
+    opened[box] = largest if radius_mm <= 0 else _ball_morphology(largest, spacing, radius_mm, erode=False) & region
+    return opened
 
 
-def _distance_mm_to(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Euclidean distance in mm from each voxel centre to the nearest voxel centre of ``mask`` (<= 0 inside)."""
-    mask_image = sitk.GetImageFromArray(mask.astype(np.uint8))
-    mask_image.SetSpacing(tuple(spacing))
-    distance = sitk.SignedMaurerDistanceMap(mask_image, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
-    return sitk.GetArrayFromImage(distance)
+def _ball_morphology(mask: np.ndarray, spacing: Sequence[float], radius_mm: float, erode: bool) -> np.ndarray:
+    """Erosion or dilation of a (z, y, x) mask by the voxel offsets within ``radius_mm`` (spacing in x, y, z order);
+    beyond the image counts as foreground for erosion and background for dilation (as distance maps do).
+
+    The ball is a stack of x segments, one per (dz, dy) row: the mask is eroded (dilated) along x once per segment
+    length, bit-packed along x, then the shifted rows are combined, 8 voxels per byte."""
+    rows = _ball_rows(spacing, radius_mm)
+    halves = {half for _, _, half in rows}
+    packed = {half: np.packbits(run, axis=2)
+              for half, run in _runs_along_x(mask, max(halves), np.logical_and if erode else np.logical_or)
+              if half in halves}
+    result = np.full(packed[max(halves)].shape, 255 if erode else 0, dtype=np.uint8)
+    combine_bits = np.bitwise_and if erode else np.bitwise_or
+    for dz, dy, half in rows:  # the ball is symmetric, so the same shifts serve erosion and dilation
+        (target_z, source_z), (target_y, source_y) = _shifted(dz, mask.shape[0]), _shifted(dy, mask.shape[1])
+        target = result[target_z, target_y]
+        combine_bits(target, packed[half][source_z, source_y], out=target)
+    return np.unpackbits(result, axis=2, count=mask.shape[2]).view(bool)
+
+
+def _ball_rows(spacing: Sequence[float], radius_mm: float) -> List[Tuple[int, int, int]]:
+    """(dz, dy, half-length along x) in voxels for each x segment of the ball of ``radius_mm``."""
+    spacing_x, spacing_y, spacing_z = (float(s) for s in spacing)
+    tolerance = 1e-9 * radius_mm ** 2
+    rows = []
+    reach_z = int(math.floor(radius_mm / spacing_z + 1e-9))
+    for dz in range(-reach_z, reach_z + 1):
+        left_z = radius_mm ** 2 - (dz * spacing_z) ** 2 + tolerance
+        reach_y = int(math.floor(math.sqrt(left_z) / spacing_y))
+        for dy in range(-reach_y, reach_y + 1):
+            rows.append((dz, dy, int(math.floor(math.sqrt(left_z - (dy * spacing_y) ** 2) / spacing_x))))
+    return rows
+
+
+def _runs_along_x(mask: np.ndarray, max_half: int, combine) -> Iterator[Tuple[int, np.ndarray]]:
+    """(h, run) for h = 0..max_half, where ``run[..., i]`` combines ``mask[..., i - h : i + h + 1]`` (beyond the
+    image does not count); each run combines three neighbours of the previous one."""
+    run = mask
+    yield 0, run
+    for half in range(1, max_half + 1):
+        previous, run = run, run.copy()
+        combine(run[..., 1:], previous[..., :-1], out=run[..., 1:])
+        combine(run[..., :-1], previous[..., 1:], out=run[..., :-1])
+        yield half, run
+
+
+def _shifted(offset: int, length: int) -> Tuple[slice, slice]:
+    """(target, source) slices such that target index i reads source index i + offset, both within ``length``."""
+    offset = max(-length, min(offset, length))
+    if offset >= 0:
+        return slice(0, length - offset), slice(offset, length)
+    return slice(-offset, length), slice(0, length + offset)
+
+
+def _components_by_size(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Face-connected components of a (z, y, x) mask, labelled 1, 2, ... from the largest, and ``sizes[label]`` in
+    voxels (``sizes[0]`` = 0)."""
+    relabel = sitk.RelabelComponentImageFilter()
+    relabel.SortByObjectSizeOn()
+    labels = relabel.Execute(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), False))
+    return sitk.GetArrayFromImage(labels), np.array([0] + list(relabel.GetSizeOfObjectsInPixels()), dtype=np.int64)
+
+
+def _bounding_slices(mask: np.ndarray, margin_voxels: Sequence[int]) -> Tuple[slice, ...]:
+    """The bounding box of a non-empty (z, y, x) mask, grown by ``margin_voxels`` per axis (x, y, z order) within
+    the array."""
+    box = []
+    for axis, margin in zip(range(mask.ndim), margin_voxels[::-1]):
+        occupied = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(int(occupied[0]) - margin, 0), min(int(occupied[-1]) + 1 + margin, mask.shape[axis])))
+    return tuple(box)
 
 
 def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Fill every background region of each axial slice that does not touch that slice's border."""
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndi.generate_binary_structure(2, 1)
-    labels, _ = ndi.label(~mask, structure=in_plane)
-    outside = np.unique(np.concatenate([labels[:, 0].ravel(), labels[:, -1].ravel(),
-                                        labels[:, :, 0].ravel(), labels[:, :, -1].ravel()]))
-    return ~np.isin(labels, outside[outside > 0])
+    """Fill every background region of each axial slice that does not touch that slice's border (4-connected).
+
+    One 2D fill does all slices: they are stacked along y, each below a row of background that joins its border to
+    the image border. It works on the bounding box of ``mask``: background on the box's edge touches the background
+    around the box, which reaches the slice border, so it is never a hole."""
+    box = _bounding_slices(mask, (0, 0, 0))
+    region = mask[box]
+    depth, height, width = region.shape
+    stacked = np.zeros((depth, height + 1, width), dtype=np.uint8)
+    stacked[:, 1:] = region
+    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(stacked.reshape(depth * (height + 1), width)),
+                                 fullyConnected=False, foregroundValue=1)
+    result = np.zeros_like(mask)
+    result[box] = sitk.GetArrayViewFromImage(filled).reshape(depth, height + 1, width)[:, 1:] != 0
+    return result
 
 
 def _mask_image(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:

@@ -181,6 +181,26 @@ def test_body_mask_ignores_the_table_and_fills_the_lungs():
     assert_raises(InputError, pp.lung_mask_coarse, solid, solid_body, match="no air")
 
 
+def test_body_mask_ball_opening_equals_thresholded_distance_maps():
+    """The fast erosion and dilation of body_mask are exactly "distance to the background > r" and "distance to the
+    mask <= r" in mm, also for anisotropic voxels and at the image border."""
+    rng = np.random.default_rng(5)
+    for spacing, radius_mm in (((0.7, 0.7, 2.5), 3.0), ((1.0, 1.3, 0.6), 2.0), ((2.0, 2.0, 2.0), 2.0)):
+        mask = np.kron(rng.random((4, 5, 6)) > 0.4, np.ones((4, 5, 5), dtype=bool))
+        eroded = _distance_mm_to(~mask, spacing) > radius_mm
+        dilated = _distance_mm_to(mask, spacing) <= radius_mm
+        assert eroded.any() and not np.array_equal(eroded, mask) and not np.array_equal(dilated, mask)
+        assert np.array_equal(pp._ball_morphology(mask, spacing, radius_mm, erode=True), eroded), spacing
+        assert np.array_equal(pp._ball_morphology(mask, spacing, radius_mm, erode=False), dilated), spacing
+
+
+def _distance_mm_to(mask, spacing):
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    image.SetSpacing(spacing)
+    return sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                                               useImageSpacing=True))
+
+
 def test_bounding_box_crop_uncrop_round_trip_in_place():
     rng = np.random.default_rng(2)
     array = rng.integers(-1000, 1000, size=(10, 20, 30)).astype(np.int16)
