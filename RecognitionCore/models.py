@@ -52,12 +52,12 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from .errors import ModelError
+from .preprocessing import intensity_spec
 from .progress import Progress, as_progress
 
 SHIPPED_CATALOGUE = Path(__file__).resolve().parent / "Resources" / "Models" / "catalogue.json"
 CACHE_ENV = "MIR_MODEL_CACHE"
 TASKS = ("segmentation", "detection")
-INTENSITY_TYPES = ("window", "zscore")
 ALLOWED_ARCHITECTURE_NAMESPACES = ("monai.networks.nets", "monai.apps.detection", "RecognitionCore")
 DOWNLOAD_CHUNK_BYTES = 1 << 16
 DOWNLOAD_TIMEOUT_S = 30
@@ -229,33 +229,10 @@ def _is_number(value) -> bool:
 def _intensity(value, context, required) -> Optional[Dict[str, Any]]:
     if value is None and not required:
         return None
-    if not isinstance(value, dict) or value.get("type") not in INTENSITY_TYPES:
-        raise ModelError(f"{context}: field 'intensity' must be an object with 'type' one of "
-                         f"{list(INTENSITY_TYPES)}, got {value!r}")
-    if value["type"] == "window":
-        normalised = {"type": "window", "hu_min": value.get("hu_min"), "hu_max": value.get("hu_max"),
-                      "out_min": value.get("out_min", 0.0), "out_max": value.get("out_max", 1.0),
-                      "clip": value.get("clip", True)}
-        numbers = [normalised[k] for k in ("hu_min", "hu_max", "out_min", "out_max")]
-        if not all(_is_number(v) and math.isfinite(v) for v in numbers) or numbers[0] >= numbers[1]:
-            raise ModelError(f"{context}: field 'intensity' (window) needs numbers hu_min < hu_max, out_min, "
-                             f"out_max, got {value!r}")
-        allowed = set(normalised)
-    else:
-        normalised = {"type": "zscore", "nonzero": value.get("nonzero", False)}
-        if "out_min" in value or "out_max" in value:
-            normalised.update(out_min=value.get("out_min"), out_max=value.get("out_max"))
-            if not all(_is_number(normalised[k]) for k in ("out_min", "out_max")) or \
-                    normalised["out_min"] >= normalised["out_max"]:
-                raise ModelError(f"{context}: field 'intensity' (zscore) needs out_min < out_max when either "
-                                 f"is given, got {value!r}")
-        allowed = {"type", "nonzero", "out_min", "out_max"}
-    unknown = sorted(set(value) - allowed)
-    if unknown:
-        raise ModelError(f"{context}: field 'intensity' ({value['type']}) has unknown key(s) {unknown}")
-    if not isinstance(normalised.get("clip", True), bool) or not isinstance(normalised.get("nonzero", False), bool):
-        raise ModelError(f"{context}: field 'intensity' flags 'clip'/'nonzero' must be true or false, got {value!r}")
-    return normalised
+    try:
+        return intensity_spec(value)
+    except ModelError as error:
+        raise ModelError(f"{context}: field 'intensity': {error}") from None
 
 
 def _architecture(value, context) -> Dict[str, Any]:

@@ -243,8 +243,9 @@ def window_to_unit(image: sitk.Image, hu_min: float, hu_max: float, out_min: flo
     return scaled
 
 
-def zscore_normalise(image: sitk.Image, mask: Optional[sitk.Image] = None) -> sitk.Image:
-    """(value - mean) / std as float32, with mean and std taken within ``mask`` (e.g. the body) or the whole image."""
+def zscore_normalise(image: sitk.Image, mask: Optional[sitk.Image] = None, outside_unchanged: bool = False) -> sitk.Image:
+    """(value - mean) / std as float32, with mean and std taken within ``mask`` (e.g. the body) or the whole image;
+    ``outside_unchanged`` normalises only the voxels inside the mask (MONAI's ``nonzero`` mode)."""
     values = sitk.GetArrayViewFromImage(image)
     if mask is not None:
         _check_same_grid(image, mask, "mask")
@@ -255,7 +256,10 @@ def zscore_normalise(image: sitk.Image, mask: Optional[sitk.Image] = None) -> si
     mean, std = _mean_std(values)
     if std == 0:
         raise InputError(f"cannot z-score normalise: the intensities are constant ({mean:g}) within the mask")
-    return sitk.ShiftScale(to_float32(image), shift=-mean, scale=1.0 / std)
+    normalised = sitk.ShiftScale(to_float32(image), shift=-mean, scale=1.0 / std)
+    if outside_unchanged:
+        normalised = sitk.Mask(normalised, mask, outsideValue=0) + sitk.Mask(to_float32(image), mask == 0)
+    return normalised
 
 
 def _mean_std(values: np.ndarray) -> Tuple[float, float]:
@@ -581,33 +585,70 @@ def restore_to_input(model_output: sitk.Image, inverse_info: InverseInfo, interp
     return resample_to_reference(model_output, inverse_info.input_geometry, interpolator, default_value)
 
 
-def _intensity_function(spec: dict):
+INTENSITY_KEYS = {"window": ("hu_min", "hu_max", "out_min", "out_max", "clip"),
+                  "zscore": ("hu_min", "hu_max", "mean", "std", "nonzero", "out_min", "out_max")}
+
+
+def intensity_spec(spec: dict) -> dict:
+    """Validate a model's intensity normalisation and fill in its defaults; raise ModelError naming what is wrong.
+
+    ``{"type": "window", "hu_min", "hu_max", "out_min": 0, "out_max": 1, "clip": true}`` maps [hu_min, hu_max]
+    linearly onto [out_min, out_max] (MONAI's ScaleIntensityRange). ``{"type": "zscore"}`` subtracts the mean and
+    divides by the standard deviation: fixed ``mean``/``std`` (dataset statistics, as nnU-Net does for CT) or the
+    volume's own, over its non-zero voxels only when ``nonzero`` (MONAI's NormalizeIntensity); optional ``hu_min``/
+    ``hu_max`` clip first, optional ``out_min``/``out_max`` rescale the result's min..max after (ScaleIntensity).
+    """
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ModelError(f"intensity normalisation must be a dict with a 'type' (got {spec!r})")
+        raise ModelError(f"the intensity normalisation must be an object with a 'type'; got {spec!r}")
+    if spec["type"] not in INTENSITY_KEYS:
+        raise ModelError(f"unknown intensity normalisation type {spec['type']!r} (expected one of "
+                         f"{list(INTENSITY_KEYS)})")
     kind = spec["type"]
-    allowed = {"window": {"type", "hu_min", "hu_max", "out_min", "out_max", "clip"},
-               "zscore": {"type", "hu_min", "hu_max", "mean", "std"}}
-    if kind not in allowed:
-        raise ModelError(f"unknown intensity normalisation type {kind!r} (expected 'window' or 'zscore')")
-    unknown = set(spec) - allowed[kind]
+    unknown = sorted(set(spec) - {"type", *INTENSITY_KEYS[kind]})
     if unknown:
-        raise ModelError(f"unknown keys {sorted(unknown)} in the {kind!r} intensity normalisation")
+        raise ModelError(f"unknown keys {unknown} in the {kind!r} intensity normalisation")
+    for key in ("hu_min", "hu_max", "out_min", "out_max", "mean", "std"):
+        value = spec.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ModelError(f"intensity normalisation {key!r} must be a finite number; got {value!r}")
+    for key in ("clip", "nonzero"):
+        if not isinstance(spec.get(key, False), bool):
+            raise ModelError(f"intensity normalisation {key!r} must be true or false; got {spec[key]!r}")
+    for low, high in (("hu_min", "hu_max"), ("out_min", "out_max"), ("mean", "std")):
+        if (low in spec) != (high in spec):
+            raise ModelError(f"the {kind!r} intensity normalisation needs both {low!r} and {high!r}, or neither")
     if kind == "window":
-        if "hu_min" not in spec or "hu_max" not in spec:
+        if "hu_min" not in spec:
             raise ModelError("a 'window' intensity normalisation needs 'hu_min' and 'hu_max'")
-        return lambda image: window_to_unit(image, spec["hu_min"], spec["hu_max"], spec.get("out_min", 0.0),
-                                            spec.get("out_max", 1.0), bool(spec.get("clip", True)))
-    if ("mean" in spec) != ("std" in spec) or ("hu_min" in spec) != ("hu_max" in spec):
-        raise ModelError("a 'zscore' intensity normalisation needs both 'mean' and 'std', and both 'hu_min' and "
-                         "'hu_max', or neither of each pair")
+        spec = {"type": "window", "out_min": 0.0, "out_max": 1.0, "clip": True, **spec}
+    if "hu_min" in spec and spec["hu_min"] >= spec["hu_max"]:
+        raise ModelError(f"intensity normalisation needs hu_min < hu_max; got {spec['hu_min']} and {spec['hu_max']}")
+    if "out_min" in spec and spec["out_min"] >= spec["out_max"]:
+        raise ModelError(f"intensity normalisation needs out_min < out_max; got {spec['out_min']} and "
+                         f"{spec['out_max']}")
     if "std" in spec and not spec["std"] > 0:
         raise ModelError(f"zscore 'std' must be positive (got {spec['std']})")
+    return dict(spec)
+
+
+def _intensity_function(spec: dict):
+    spec = intensity_spec(spec)
+    if spec["type"] == "window":
+        return lambda image: window_to_unit(image, spec["hu_min"], spec["hu_max"], spec["out_min"], spec["out_max"],
+                                            spec["clip"])
 
     def normalise(image: sitk.Image) -> sitk.Image:
         if "hu_min" in spec:
             image = clip_hu(image, spec["hu_min"], spec["hu_max"])
         if "mean" in spec:
-            return sitk.ShiftScale(to_float32(image), shift=-float(spec["mean"]), scale=1.0 / float(spec["std"]))
-        return zscore_normalise(image)
+            image = sitk.ShiftScale(to_float32(image), shift=-float(spec["mean"]), scale=1.0 / float(spec["std"]))
+        elif spec.get("nonzero"):
+            image = zscore_normalise(image, sitk.Cast(image != 0, sitk.sitkUInt8), outside_unchanged=True)
+        else:
+            image = zscore_normalise(image)
+        if "out_min" in spec:
+            image = sitk.RescaleIntensity(image, float(spec["out_min"]), float(spec["out_max"]))
+        return image
 
     return normalise

@@ -96,3 +96,20 @@ def test_wrong_models_are_refused():
     no_roi = ModelCard(id="x", title="x", task="segmentation", labels={1: "a"},
                        intensity={"type": "window", "hu_min": -1000, "hu_max": 400})
     assert_raises(ModelError, predict_labels, image, no_roi, IncreasesAlong(0), match="ROI size")
+
+
+def test_bundle_style_zscore_matches_monai():
+    """wholeBody_ct_segmentation's preprocessing: NormalizeIntensity(nonzero) then ScaleIntensity(-1, 1)."""
+    from monai.transforms import NormalizeIntensity, ScaleIntensity
+
+    from RecognitionCore.preprocessing import preprocess_for_model
+
+    image, _ = sphere_image(OBLIQUE)
+    array = sitk.GetArrayFromImage(image).astype(np.float32)
+    array[:, :, :5] = 0  # some exact zeros, which "nonzero" leaves out of the statistics and unchanged
+    image_with_zeros = sitk.GetImageFromArray(array)
+    image_with_zeros.CopyInformation(image)
+    prepared, _ = preprocess_for_model(image_with_zeros, None, {"type": "zscore", "nonzero": True,
+                                                                "out_min": -1.0, "out_max": 1.0})
+    expected = ScaleIntensity(minv=-1.0, maxv=1.0)(NormalizeIntensity(nonzero=True)(torch.as_tensor(array)))
+    np.testing.assert_allclose(sitk.GetArrayViewFromImage(prepared), np.asarray(expected), atol=1e-5)
