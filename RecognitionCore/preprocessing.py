@@ -599,7 +599,7 @@ def intensity_spec(spec: dict) -> dict:
     ``hu_max`` clip first, optional ``out_min``/``out_max`` rescale the result's min..max after (ScaleIntensity).
     """
     if not isinstance(spec, dict) or "type" not in spec:
-        raise ModelError(f"the intensity normalisation must be an object with a 'type'; got {spec!r}")
+        raise ModelError(f"the intensity normalisation must be a dict with a 'type'; got {spec!r}")
     if spec["type"] not in INTENSITY_KEYS:
         raise ModelError(f"unknown intensity normalisation type {spec['type']!r} (expected one of "
                          f"{list(INTENSITY_KEYS)})")
