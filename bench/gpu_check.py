@@ -3,9 +3,13 @@
     python bench/gpu_check.py              # on the lent GPU machine: checks + 512x512x300 throughput table
     python bench/gpu_check.py --cpu-smoke  # same code paths on CPU with small volumes (no GPU-only checks)
 
-Checks: slab result == whole-volume MONAI (float32, and within AMP tolerance under autocast), AMP labels agree with
-float32 MONAI labels on >= 99.9% of voxels (or differ only where the float32 top-two logits are closer than the AMP
-tolerance: an untrained network has many near-ties), cancel raises ``Cancelled`` and leaves GPU memory where it was.
+Checks, for both input paths (windows staged from the host, and the input uploaded in chunks on a side stream and
+sliced on the device): slab result == whole-volume MONAI (float32, and within AMP tolerance under autocast), AMP labels
+agree with float32 MONAI labels on >= 99.9% of voxels (or differ only where the float32 top-two logits are closer than
+the AMP tolerance: an untrained network has many near-ties), the two paths agree exactly in float32, a NaN in the last
+planes is reported, cancel raises ``Cancelled`` and leaves GPU memory where it was. Then the throughput table: plain
+MONAI (float32, AMP) and the runner (input on the device, and staged), all from the same host numpy volume to a host
+label map.
 Exits 1 when a check fails, 2 when no working CUDA device was found without --cpu-smoke.
 """
 
@@ -27,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sliding_window import format_table, measure_throughput, synthetic_ct  # noqa: E402
 
 from RecognitionCore.device import choose_device, describe_device  # noqa: E402
-from RecognitionCore.errors import Cancelled  # noqa: E402
+from RecognitionCore.errors import Cancelled, InputError  # noqa: E402
 from RecognitionCore.inference import SlidingWindowRunner  # noqa: E402
 from RecognitionCore.progress import CancelToken, Progress  # noqa: E402
 
@@ -72,15 +76,19 @@ def compare_with_monai(device: torch.device, shape) -> None:
     volume = synthetic_ct(shape, seed=1)
     expected = monai_logits(network, volume, device, amp=False)
     expected_amp = monai_logits(network, volume, device, amp=True)
-    for amp in (False, True):
+    float32_logits = {}
+    for amp, on_device in ((False, False), (False, True), (True, False), (True, True)):
         runner = SlidingWindowRunner(network, ROI, sw_batch_size=4, overlap=0.25, device=device, amp=amp,
-                                     memory_budget_bytes=1)
+                                     memory_budget_bytes=1, input_on_device=on_device)
+        name = f"{'AMP' if runner.amp else 'float32'}, input {'on the device' if on_device else 'staged'}"
         logits = runner(volume, output="logits")
         reference, tolerance = (expected_amp, AMP_TOLERANCE) if amp else (expected, FLOAT32_TOLERANCE)
         difference = float(np.abs(logits - reference).max())
         largest = float(np.abs(reference).max())
-        check(f"slabs == whole-volume MONAI ({'AMP' if runner.amp else 'float32'})", difference < tolerance,
+        check(f"slabs == whole-volume MONAI ({name})", difference < tolerance,
               f"max |difference| {difference:.2e} (tolerance {tolerance:g}, |logits| up to {largest:.1f})")
+        if not amp:
+            float32_logits[on_device] = logits
         labels = runner(volume, output="labels")
         disagreeing = labels != expected.argmax(0)
         agreement = 1 - float(np.mean(disagreeing))
@@ -88,15 +96,33 @@ def compare_with_monai(device: torch.device, shape) -> None:
         margins = (ranked[-1] - ranked[-2])[disagreeing]  # float32 gap between the two best classes
         widest = float(margins.max()) if margins.size else 0.0
         required = MIN_AMP_LABEL_AGREEMENT if runner.amp else 1 - 1e-5
-        check(f"labels ({'AMP' if runner.amp else 'float32'}) == argmax of float32 MONAI",
+        check(f"labels ({name}) == argmax of float32 MONAI",
               agreement >= required or (runner.amp and widest < AMP_TOLERANCE),
               f"{agreement:.6f} of voxels agree (required {required}, or only near-ties differ); "
               f"widest float32 margin among differing voxels {widest:.2e}")
-    check_cancel(network, volume, device)
+    difference = float(np.abs(float32_logits[True] - float32_logits[False]).max())
+    check("input on the device == staged input (float32 logits)", difference < FLOAT32_TOLERANCE,
+          f"max |difference| {difference:.2e}")
+    whole = SlidingWindowRunner(network, ROI, sw_batch_size=4, overlap=0.25, device=device, amp=False)
+    difference = float(np.abs(whole(volume, output="logits") - expected).max())
+    check("default budget and input placement (on a GPU: one slab, input on the device) == MONAI",
+          difference < FLOAT32_TOLERANCE,
+          f"max |difference| {difference:.2e}")
+    broken = volume.copy()
+    broken[-2, 5, 7] = np.nan
+    message = ""
+    try:
+        whole(broken)
+    except InputError as error:
+        message = str(error)
+    check("NaN in the last planes is reported (default input placement)", "1 NaN" in message, repr(message))
+    for on_device in (False, True):
+        check_cancel(network, volume, device, on_device)
 
 
-def check_cancel(network, volume: np.ndarray, device: torch.device) -> None:
-    runner = SlidingWindowRunner(network, ROI, sw_batch_size=2, device=device, memory_budget_bytes=1)
+def check_cancel(network, volume: np.ndarray, device: torch.device, on_device: bool) -> None:
+    runner = SlidingWindowRunner(network, ROI, sw_batch_size=2, device=device, memory_budget_bytes=1,
+                                 input_on_device=on_device)
     runner(volume)  # warm-up: persistent library workspaces belong to the baseline
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,14 +141,15 @@ def check_cancel(network, volume: np.ndarray, device: torch.device) -> None:
                progress=Progress(cancel_after_second, token))
     except Cancelled as error:
         cancelled = error
-    check("cancel raises Cancelled", cancelled is not None, f"after {len(reports)} reports")
+    path = f"input {'on the device' if on_device else 'staged'}"
+    check(f"cancel raises Cancelled ({path})", cancelled is not None, f"after {len(reports)} reports")
     if device.type != "cuda":
         return
     while_alive = torch.cuda.memory_allocated(device) - baseline
     cancelled = None
     gc.collect()
     after = torch.cuda.memory_allocated(device) - baseline
-    check("cancel frees GPU memory", while_alive == 0 and after == 0,
+    check(f"cancel frees GPU memory ({path})", while_alive == 0 and after == 0,
           f"{while_alive} bytes above baseline while the error is held, {after} after it is dropped")
 
 
@@ -145,6 +172,11 @@ def main() -> int:
     print(format_table(result))
     print(f"(label agreement of the AMP runner with float32 plain MONAI is informative only: an untrained network "
           f"has many near-tied voxels; {result['label_agreement']:.6f})")
+    if device.type == "cuda":
+        check("runner (input on the device) at least as fast as plain MONAI AMP", result["ratio_vs_plain_amp"] >= 1.0,
+              f"throughput ratio {result['ratio_vs_plain_amp']:.3f}")
+        print(f"(labels of the runner vs plain MONAI AMP {result['label_agreement_amp']:.6f}, vs the staged runner "
+              f"{result['staged_label_agreement']:.6f}: expect >= 0.999 and 1.0, near-ties aside)")
     print(f"{len(failures)} check(s) failed{': ' + ', '.join(failures) if failures else ''}; "
           f"{time.perf_counter() - started:.0f} s in all")
     return 1 if failures else 0

@@ -1,7 +1,8 @@
 """Throughput and peak memory: plain ``monai.inferers.sliding_window_inference`` versus ``SlidingWindowRunner``.
 
-Both run the same seeded MONAI 3D UNet with the same ROI, overlap, batch size and Gaussian blending and produce the
-same thing, a uint8 label map on the host (plain: whole-volume logits, argmax, copy back). Importable (the foundation
+Both run the same seeded MONAI 3D UNet with the same ROI, overlap, batch size and Gaussian blending, start from the
+same float32 numpy volume on the host and produce the same thing, a uint8 label map on the host (plain: upload,
+whole-volume logits, argmax, copy back; every step is timed), as a Slicer module does. Importable (the foundation
 benchmark calls ``measure_throughput`` on a real CT) and runnable:
 
     python bench/sliding_window.py                  # synthetic 256x256x128 volume on the best device
@@ -97,7 +98,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def _plain_monai_labels(network, volume, device, roi_size, sw_batch_size, overlap, amp, argmax_seconds: list):
-    """What a user would write with MONAI: whole volume on the device, no_grad, optional autocast, argmax, to host.
+    """What a user would write with MONAI: host volume to the device, no_grad, optional autocast, argmax, to host.
 
     The time of the final argmax is appended to ``argmax_seconds`` (on CPU it is a visible share of the total).
     """
@@ -140,13 +141,15 @@ def measure_throughput(volume_kji: np.ndarray, device="auto", roi_size: Sequence
                        channels_last: bool = False, network: Optional[torch.nn.Module] = None) -> Dict[str, object]:
     """Voxels/s and peak memory of plain MONAI and of the runner on ``volume_kji`` (intensities as the net expects).
 
-    On CUDA the plain path is timed in float32 and with autocast float16 (``plain_amp_*``); the runner uses AMP when
-    ``amp``. Each path runs ``repeats`` times, interleaved, after a warm-up (one window; on CUDA a whole runner
-    pass); the best time counts. The ``ratio`` is runner / plain float32 throughput (``cpu_time_ratio`` the same
-    from process CPU time);
-    ``*_peak_bytes`` is the peak memory above the level before the run (host RSS on CPU, allocated on CUDA);
-    ``plain_argmax_seconds`` is the share of the plain time spent in the final ``argmax`` (slow over the channel
-    axis on CPU; the runner uses ``max(dim).indices``); ``label_agreement`` is the fraction of equal labels.
+    Every path starts from the same host float32 array and ends with a host uint8 label map, both inside the timing.
+    On CUDA the plain path is timed in float32 and with autocast float16 (``plain_amp_*``), and the runner also with
+    its windows staged from the host (``runner_staged_*``, as for a volume too large for the device); the runner uses
+    AMP when ``amp``. Each path runs ``repeats`` times, interleaved, after a warm-up (one window; on CUDA a whole
+    runner pass); the best time counts. The ``ratio`` is runner / plain float32 throughput (``cpu_time_ratio`` the
+    same from process CPU time); ``*_peak_bytes`` is the peak memory above the level before the run (host RSS on
+    CPU, allocated on CUDA); ``plain_argmax_seconds`` is the share of the plain time spent in the final ``argmax``
+    (slow over the channel axis on CPU; the runner uses ``max(dim).indices``); ``label_agreement`` is the fraction of
+    runner labels equal to plain float32 labels (``label_agreement_amp``: to plain AMP labels).
     """
     device = choose_device(device) if isinstance(device, str) else torch.device(device)
     volume = np.ascontiguousarray(volume_kji, dtype=np.float32)
@@ -160,6 +163,10 @@ def measure_throughput(volume_kji: np.ndarray, device="auto", roi_size: Sequence
     if device.type == "cuda":
         paths["plain_amp"] = lambda: _plain_monai_labels(network, volume, device, roi_size, sw_batch_size, overlap,
                                                          True, [])
+        staged = SlidingWindowRunner(runner.network, roi_size, sw_batch_size=sw_batch_size, overlap=overlap,
+                                     blend_mode="gaussian", device=device, amp=amp, input_on_device=False,
+                                     channels_last=channels_last)
+        paths["runner_staged"] = lambda: staged(volume, output="labels")
     window = np.zeros(tuple(roi_size), np.float32)
     runner(volume if device.type == "cuda" else window)  # CUDA: a whole pass, so cudnn.benchmark's search is not timed
     with torch.no_grad():
@@ -188,6 +195,8 @@ def measure_throughput(volume_kji: np.ndarray, device="auto", roi_size: Sequence
     result["cpu_time_ratio"] = best_cpu["plain"] / best_cpu["runner"]
     if "plain_amp" in paths:
         result["ratio_vs_plain_amp"] = best["plain_amp"] / best["runner"]
+        result["label_agreement_amp"] = float(np.mean(labels["runner"] == labels["plain_amp"]))
+        result["staged_label_agreement"] = float(np.mean(labels["runner_staged"] == labels["runner"]))
     result["plain_argmax_seconds"] = min(argmax_seconds)
     result["label_agreement"] = float(np.mean(labels["runner"] == labels["plain"]))
     result["process_max_rss_bytes"] = _max_rss_bytes()
@@ -197,9 +206,10 @@ def measure_throughput(volume_kji: np.ndarray, device="auto", roi_size: Sequence
 def format_table(result: Dict[str, object]) -> str:
     """The result as a small fixed-width table."""
     lines = [f"device {result['device']}, volume {result['shape_kji']} (k, j, i), roi {result['roi_size']}, "
-             f"batch {result['sw_batch_size']}, overlap {result['overlap']}, best of {result['repeats']}",
+             f"batch {result['sw_batch_size']}, overlap {result['overlap']}, best of {result['repeats']}; "
+             f"every path: host float32 numpy in, host uint8 labels out (transfers timed)",
              f"{'path':<12}{'wall s':>9}{'CPU s':>9}{'Mvoxels/s':>11}{'+peak MB':>10}"]
-    for name in ("plain", "plain_amp", "runner"):
+    for name in ("plain", "plain_amp", "runner", "runner_staged"):
         if f"{name}_seconds" in result:
             megavoxels_per_s, peak_mb = result[f"{name}_voxels_per_s"] / 1e6, result[f"{name}_peak_bytes"] / 2 ** 20
             lines.append(f"{name:<12}{result[f'{name}_seconds']:>9.2f}{result[f'{name}_cpu_seconds']:>9.2f}"
@@ -208,7 +218,9 @@ def format_table(result: Dict[str, object]) -> str:
                  f"ratio {result['ratio']:.3f} (CPU time ratio {result['cpu_time_ratio']:.3f})"
                  + f"; plain argmax {result['plain_argmax_seconds']:.2f} s"
                  + (f" (vs plain AMP: {result['ratio_vs_plain_amp']:.3f})" if "ratio_vs_plain_amp" in result else "")
-                 + f"; label agreement {result['label_agreement']:.5f}")
+                 + f"; label agreement {result['label_agreement']:.5f}"
+                 + (f" (with plain AMP {result['label_agreement_amp']:.5f}, staged runner with runner "
+                    f"{result['staged_label_agreement']:.5f})" if "label_agreement_amp" in result else ""))
     return "\n".join(lines)
 
 

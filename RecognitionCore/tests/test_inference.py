@@ -146,3 +146,43 @@ def test_device_choice():
         assert choose_device("auto").type in ("cpu", "mps")
     finally:
         torch.cuda.is_available = reports_cuda
+
+
+def test_input_kept_on_device_equals_staging_and_monai():
+    """The GPU path (input uploaded in chunks, windows sliced on the device), forced on CPU: same results."""
+    network = _tiny_network()
+    chunk_voxels = inference._CHUNK_VOXELS
+    inference._CHUNK_VOXELS = 3 * 48 * 56  # a few planes per upload and per finalised chunk
+    try:
+        for shape in ((40, 48, 56), (10, 48, 20)):
+            volume = _volume(shape)
+            expected = _monai_logits(network, volume, "gaussian", cval=float(volume.min()))
+            staged = SlidingWindowRunner(network, ROI, sw_batch_size=3, device="cpu", memory_budget_bytes=1,
+                                         input_on_device=False)
+            on_device = SlidingWindowRunner(network, ROI, sw_batch_size=3, device="cpu", memory_budget_bytes=1,
+                                            input_on_device=True)
+            logits, shifts = _count_slab_shifts(lambda: on_device(volume, output="logits"))
+            assert shifts >= (2 if shape[0] > 2 * ROI[0] else 0), f"{shape}: {shifts} slab shifts"
+            assert np.array_equal(logits, staged(volume, output="logits")), shape
+            assert np.abs(logits - expected).max() < 1e-4, shape
+            assert np.array_equal(on_device(volume), staged(volume)), shape
+        hounsfield = (_volume() * 300).astype(np.int16)
+        assert np.array_equal(on_device(hounsfield, output="logits"), staged(hounsfield, output="logits"))
+        volume = _volume()
+        volume[3, 4, 5] = np.nan
+        volume[36, 7, 8] = -np.inf  # in the last upload: still reported
+        assert_raises(InputError, on_device, volume, match="2 NaN")
+    finally:
+        inference._CHUNK_VOXELS = chunk_voxels
+
+
+def test_cancel_with_input_on_device_keeps_nothing():
+    token = CancelToken()
+    runner = SlidingWindowRunner(_tiny_network(), ROI, sw_batch_size=2, device="cpu", memory_budget_bytes=1,
+                                 input_on_device=True)
+    progress = Progress(lambda fraction, message: token.cancel() if fraction > 0.3 else None, token)
+    error = assert_raises(Cancelled, runner, _volume(), progress=progress)
+    gc.collect()
+    leftovers = [item for item in gc.get_objects() if type(item) in (inference._DeviceWindows,
+                                                                     inference._SlabAccumulator)]
+    assert error.__traceback__ is not None and leftovers == [], "a held Cancelled must not keep the uploaded input"
