@@ -64,7 +64,21 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     for key in DICOM_TAGS.values():
         if reader.HasMetaDataKey(0, key):
             image.SetMetaData(key, reader.GetMetaData(0, key).strip())
-    return image
+    return _as_int16_when_lossless(image)
+
+
+def _as_int16_when_lossless(image: sitk.Image) -> sitk.Image:
+    """GDCM gives 32-bit voxels after the rescale slope/intercept; CT in HU fits 16 bits: half the memory."""
+    if image.GetPixelID() not in (sitk.sitkInt32, sitk.sitkUInt32, sitk.sitkUInt16):
+        return image
+    statistics = sitk.MinimumMaximumImageFilter()
+    statistics.Execute(image)
+    if statistics.GetMinimum() < -32768 or statistics.GetMaximum() > 32767:
+        return image
+    converted = sitk.Cast(image, sitk.sitkInt16)
+    for key in image.GetMetaDataKeys():
+        converted.SetMetaData(key, image.GetMetaData(key))
+    return converted
 
 
 def _first_line(error: Exception) -> str:

@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ct_path = Path(args.ct) if args.ct else shared_data_dir() / "lidc" / "LIDC-IDRI-0001"
 
     rows: list = []
+    imports_rss = peak_rss_mb()  # torch, MONAI, VTK and slicer-core are loaded by now
     app = create_app()
     node = timed(rows, "load DICOM series into a volume node", io.load_volume, ct_path, app.scene)
     image = timed(rows, "volume node -> SimpleITK", volume_node_to_sitk, node)
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
     loading = sum(seconds for step, seconds in rows[:2])
     print(f"{'total: loading':45s} {loading:8.2f}")
     print(f"{'total: preprocessing':45s} {sum(seconds for _, seconds in rows[2:]):8.2f}")
-    print(f"peak RSS after loading {load_rss:.0f} MB, after preprocessing {preprocessing_rss:.0f} MB")
+    print(f"peak RSS after the imports {imports_rss:.0f} MB, after loading {load_rss:.0f} MB, after preprocessing "
+          f"{preprocessing_rss:.0f} MB")
 
     volume = sitk.GetArrayFromImage(prepared).astype(np.float32)
     print(f"\nSliding window on the preprocessed lung box ({' x '.join(map(str, prepared.GetSize()))} voxels at "

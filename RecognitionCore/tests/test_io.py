@@ -25,6 +25,7 @@ def test_lidc_dicom_series_loads_in_hounsfield_units_under_its_study(app, shared
     image = volumes.volume_node_to_sitk(node)
     assert image.GetSize() == (512, 512, 133)
     np.testing.assert_allclose(image.GetSpacing(), (0.703125, 0.703125, 2.5), atol=1e-4)
+    assert image.GetPixelID() == sitk.sitkInt16  # HU fit 16 bits: half the memory of GDCM's 32-bit output
     array = sitk.GetArrayViewFromImage(image)
     assert array.min() == -2048  # the scanner's padding, after the rescale intercept of -1024
     body = array[array > -500]
