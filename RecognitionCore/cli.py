@@ -20,6 +20,10 @@ from typing import Callable, List, Optional
 
 from .errors import RecognitionError
 
+# The coarse lung mask is the air enclosed by the body: lungs on a chest CT, but bowel gas on an abdominal one, so it is
+# named for what it is and carries no lung terminology (the clinical lung segmentation is NoduleDetect's).
+ENCLOSED_AIR = "Enclosed air (coarse lungs)"
+OVERLAY_COLORS_RGB = {"Body": (0.3, 0.85, 0.3), ENCLOSED_AIR: (0.2, 0.6, 1.0)}
 DEFAULT_PHANTOM_SIZE_IJK = (256, 256, 128)
 DEFAULT_PHANTOM_SPACING_MM = (1.4, 1.4, 2.5)
 
@@ -102,7 +106,8 @@ def prepare_case(load_input: Callable, name: str, output_dir: Path, spacing_mm: 
         outputs = [sitk_to_volume_node(prepared, f"{input_node.GetName()} preprocessed", scene=app.scene)]
         labelmap = sitk.GetArrayFromImage(body).astype(np.uint8)
         labelmap[sitk.GetArrayViewFromImage(lungs) > 0] = 2
-        outputs.append(scene.add_segmentation_from_labelmap(labelmap, input_node, {1: "body", 2: "lungs"},
+        segments = {1: "body", 2: scene.SegmentSpec(ENCLOSED_AIR, OVERLAY_COLORS_RGB[ENCLOSED_AIR])}
+        outputs.append(scene.add_segmentation_from_labelmap(labelmap, input_node, segments,
                                                             f"{input_node.GetName()} body and lungs"))
         if phantom is not None:
             outputs += _add_phantom_truth(scene, phantom, input_node)
@@ -110,7 +115,7 @@ def prepare_case(load_input: Callable, name: str, output_dir: Path, spacing_mm: 
         outputs.append(scene.add_table(steps, f"{input_node.GetName()} preprocessing", units={"Seconds": "s"}))
         outputs.append(scene.add_table(
             [{"Measure": "Body volume", "Value": round(result.body_volume_ml, 1), "Unit": "mL"},
-             {"Measure": "Lung volume (coarse)", "Value": round(result.lung_volume_ml, 1), "Unit": "mL"}],
+             {"Measure": ENCLOSED_AIR, "Value": round(result.lung_volume_ml, 1), "Unit": "mL"}],
             f"{input_node.GetName()} volumes"))
         scene.place_under_study(outputs, input_node, folder_name="MedicalImageRecognition")
 
@@ -118,9 +123,10 @@ def prepare_case(load_input: Callable, name: str, output_dir: Path, spacing_mm: 
     output_dir.mkdir(parents=True, exist_ok=True)
     result.files["scene"] = str(io.save_scene(app.scene, output_dir / f"{name}.mrb"))
     points = [nodule.center_lps_mm for nodule in phantom.nodules] if phantom is not None else None
+    overlays = {"Body": (body, OVERLAY_COLORS_RGB["Body"]), ENCLOSED_AIR: (lungs, OVERLAY_COLORS_RGB[ENCLOSED_AIR])}
     result.files["preview"] = str(preview.save_preview_png(
-        image, output_dir / f"{name}.png", overlays={"Body": (body, (0.3, 0.85, 0.3)), "Lungs": (lungs, (0.2, 0.6, 1.0))},
-        points_lps_mm=points, title=f"{name}: {' x '.join(map(str, result.size))} voxels"))
+        image, output_dir / f"{name}.png", overlays=overlays, points_lps_mm=points,
+        title=f"{name}: {' x '.join(map(str, result.size))} voxels"))
     lap("save")
     summary_path = output_dir / f"{name}.json"
     result.files["summary"] = str(summary_path)

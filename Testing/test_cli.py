@@ -33,7 +33,7 @@ def test_prepare_on_the_default_phantom_writes_a_scene_slicer_opens(tmp_path):
         assert expected in names, expected
     segmentation = scene.GetFirstNodeByName("Chest phantom 0 body and lungs").GetSegmentation()
     assert {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())} == \
-        {"Body", "Lungs"}
+        {"Body", cli.ENCLOSED_AIR}
     nodules = scene.GetFirstNodeByName("Ground-truth nodules")
     assert nodules.GetNumberOfControlPoints() == 3
     # the preprocessed volume is at 1.5 mm and lies inside the input's physical extent
