@@ -9,6 +9,7 @@ modules have loaded.
 """
 
 import importlib
+import importlib.util
 import re
 
 import numpy as np
@@ -25,6 +26,9 @@ from .slicer_module import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                             ScriptedLoadableModuleWidget)
 from .testing import assert_raises, ct_like_volume_node, run_test_functions
 from .volumes import volume_node_to_sitk
+
+# What the modules need beyond Slicer's own Python (which has numpy and SimpleITK); the panel offers to install them.
+PYTHON_REQUIREMENTS = {"torch": "torch>=2.8", "monai": "monai==1.6.1"}
 
 __all__ = ["RecognitionModule", "RecognitionModuleWidget", "RecognitionModuleLogic", "RecognitionModuleTest",
            "module_logic_class"]
@@ -152,7 +156,36 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.progressBar.setFormat(f"{message} (%p%)")
         slicer.app.processEvents()  # lets the Cancel button be clicked
 
+    def ensurePythonPackages(self) -> bool:
+        """Offer to install what is missing (torch through Slicer's PyTorch extension, which picks the CUDA build
+        that fits the GPU); True when everything is importable."""
+        missing = self.logic.missing_python_packages()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                f"This module needs {', '.join(missing)}, which is not installed yet. Install now? It downloads up "
+                "to a few GB and can take several minutes."):
+            return False
+        progressDialog = slicer.util.createProgressDialog(maximum=0, labelText="Installing Python packages")
+        try:
+            for requirement in missing:
+                progressDialog.labelText = f"Installing {requirement}"
+                slicer.app.processEvents()
+                if requirement.startswith("torch"):
+                    try:
+                        import PyTorchUtils
+                        PyTorchUtils.PyTorchUtilsLogic().installTorch(torchVersionRequirement=requirement[5:])
+                        continue
+                    except ImportError:  # the PyTorch extension is not installed: plain pip (CPU or default CUDA)
+                        pass
+                slicer.util.pip_install(requirement)
+        finally:
+            progressDialog.close()
+        return not self.logic.missing_python_packages()
+
     def onCheckInputButton(self):
+        if not self.ensurePythonPackages():
+            return
         self._cancelToken = CancelToken()
         self.updateGUIFromParameterNode()
         try:
@@ -187,6 +220,12 @@ class RecognitionModuleLogic(ScriptedLoadableModuleLogic):
         """Fill in what is unset (a parameter node from an older scene may lack newer parameters)."""
         if not parameterNode.GetParameter("Device"):
             parameterNode.SetParameter("Device", "auto")
+
+    @staticmethod
+    def missing_python_packages() -> list:
+        """The requirements of ``PYTHON_REQUIREMENTS`` whose package cannot be imported."""
+        return [requirement for package, requirement in PYTHON_REQUIREMENTS.items()
+                if importlib.util.find_spec(package) is None]
 
     def check_input(self, volume_node, device_preference="auto", progress=None) -> dict:
         """Check that ``volume_node`` is a CT this module can process; return what the user should know about it.

@@ -152,3 +152,15 @@ def test_module_test_classes_run_the_core_tests(app):
         for probe in ("mir_probe_passes", "mir_probe_fails"):
             sys.modules.pop(probe, None)
     assert len(calls) == 2 * len(MODULES)
+
+
+def test_missing_python_packages_are_named_with_their_requirement():
+    logic_class = module_base.RecognitionModuleLogic
+    assert logic_class.missing_python_packages() == []  # torch and MONAI are installed here
+    requirements = dict(module_base.PYTHON_REQUIREMENTS)
+    try:
+        module_base.PYTHON_REQUIREMENTS["no_such_package_here"] = "no_such_package_here>=1.0"
+        assert logic_class.missing_python_packages() == ["no_such_package_here>=1.0"]
+    finally:
+        module_base.PYTHON_REQUIREMENTS.clear()
+        module_base.PYTHON_REQUIREMENTS.update(requirements)
