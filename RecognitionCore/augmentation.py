@@ -1,9 +1,8 @@
 """MONAI dictionary transforms for training and validating 3D CT models on {"image", "label"} samples.
 
-Samples are channel-first arrays or MetaTensors of shape (C, z, y, x): the order of ``sitk.GetArrayFromImage`` with a
-channel in front, already preprocessed (``preprocessing.preprocess_for_model``). So axis 0 of the spatial dimensions
-is z (superior-inferior), axes 1 and 2 span the axial plane, and axis 2 is x (left-right). Only transforms that need
-neither torchvision nor itk are used. Every random transform is seeded through ``Compose.set_random_state``, so a
+Samples are what networks receive (``predict.to_network_array``): channel-first arrays or MetaTensors of shape
+(C, I, J, K) of a preprocessed image reoriented to RAS. So spatial axis 0 runs right (left-right), axis 1 anterior,
+axis 2 superior; axes 0 and 1 span the axial plane. Only transforms that need neither torchvision nor itk are used. Every random transform is seeded through ``Compose.set_random_state``, so a
 pipeline built with the same seed gives the same samples.
 """
 
@@ -36,8 +35,8 @@ KEYS = ("image", "label")
 class AugmentationSettings:
     """Probabilities and ranges of the random transforms (rotations in radians, smoothing sigma in voxels).
 
-    ``flip_axes`` are spatial axes (0 z, 1 y, 2 x): leave 2 out when the labels tell left from right (left and
-    right kidney, lung lobes), since a left-right flip would swap their meaning.
+    ``flip_axes`` are spatial axes (0 left-right, 1 anterior-posterior, 2 superior-inferior): leave 0 out when the
+    labels tell left from right (left and right kidney, lung lobes), since a left-right flip would swap their meaning.
     """
 
     flip_axes: Tuple[int, ...] = (0, 1, 2)
@@ -83,9 +82,9 @@ def training_transforms(roi_size: Sequence[int], num_samples: int = 4, pos: floa
     ]
     transforms += [RandFlipd(keys=keys, prob=settings.flip_prob, spatial_axis=axis) for axis in settings.flip_axes]
     transforms += [
-        # MONAI's range_x turns within the plane of the last two spatial axes: the axial plane for (z, y, x).
-        RandRotated(keys=keys, range_x=settings.axial_rotation_rad, range_y=settings.tilt_rotation_rad,
-                    range_z=settings.tilt_rotation_rad, prob=settings.rotation_prob, keep_size=True,
+        # MONAI's range_z turns within the plane of the first two spatial axes: the axial plane for (I, J, K).
+        RandRotated(keys=keys, range_x=settings.tilt_rotation_rad, range_y=settings.tilt_rotation_rad,
+                    range_z=settings.axial_rotation_rad, prob=settings.rotation_prob, keep_size=True,
                     mode=("bilinear", "nearest"), padding_mode="border"),
         RandZoomd(keys=keys, min_zoom=settings.zoom_range[0], max_zoom=settings.zoom_range[1],
                   prob=settings.zoom_prob, keep_size=True, mode=("trilinear", "nearest-exact"),
@@ -111,5 +110,5 @@ def validation_transforms() -> Compose:
 def _check_roi_size(roi_size: Sequence[int]) -> Tuple[int, ...]:
     size = tuple(int(s) for s in roi_size)
     if len(size) != 3 or min(size) < 1:
-        raise InputError(f"roi_size must be 3 positive voxel counts (z, y, x), got {tuple(roi_size)}")
+        raise InputError(f"roi_size must be 3 positive voxel counts (I, J, K), got {tuple(roi_size)}")
     return size

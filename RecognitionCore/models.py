@@ -65,7 +65,7 @@ DOWNLOAD_TIMEOUT_S = 30
 _SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 _MODULE_LIB_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9]*Lib$")
 _CARD_FIELDS = ("id", "title", "task", "labels", "spacing_mm", "intensity", "architecture", "weights", "bundle",
-                "roi_size", "licence", "description", "source")
+                "roi_size", "licence", "description", "source", "training", "metrics")
 _BUNDLE_DERIVED_FIELDS = ("labels", "spacing_mm", "intensity", "roi_size")
 _WEIGHTS_KEYS = ("file", "url", "sha256", "size_bytes")
 
@@ -108,6 +108,8 @@ class ModelCard:
     licence: str = ""
     description: str = ""
     source: str = ""
+    training: Optional[Dict[str, Any]] = None  # how the weights were made: data, starting point, settings
+    metrics: Optional[Dict[str, Any]] = None  # measured results, e.g. {"LIDC (2 CTs)": {"CPM": 0.8}}
     base_dir: Optional[Path] = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -142,6 +144,8 @@ class ModelCard:
             licence=_text(data, "licence", context, required=True),
             description=_text(data, "description", context),
             source=_text(data, "source", context),
+            training=_json_object(data, "training", context),
+            metrics=_json_object(data, "metrics", context),
             base_dir=Path(base_dir) if base_dir is not None else None,
         )
         if is_bundle and (data.get("architecture") is not None or data.get("weights") is not None):
@@ -158,12 +162,19 @@ class ModelCard:
             value = getattr(self, key)
             if value is not None:
                 data[key] = list(value)
-        for key in ("intensity", "architecture", "weights", "bundle"):
+        for key in ("intensity", "architecture", "weights", "bundle", "training", "metrics"):
             value = getattr(self, key)
             if value is not None:
                 data[key] = json.loads(json.dumps(value))
         data.update(licence=self.licence, description=self.description, source=self.source)
         return data
+
+
+def _json_object(data, key, context) -> Optional[Dict[str, Any]]:
+    value = data.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise ModelError(f"{context}: field '{key}' must be an object, got {value!r}")
+    return value
 
 
 def _text(data, key, context, required=False) -> str:
