@@ -227,6 +227,72 @@ def run_models(args) -> int:
     return 0
 
 
+def run_evaluate(args) -> int:
+    """Print the evaluation tables of detections (FROC) or a segmentation (per label), or plot a training log."""
+    from . import evaluation
+
+    output = Path(args.output)
+    if args.kind == "detection":
+        return _evaluate_detection(args, evaluation, output)
+    if args.kind == "segmentation":
+        return _evaluate_segmentation(args, evaluation, output)
+    rows = evaluation.read_training_log(args.log)
+    print(evaluation.format_table(rows))
+    print(f"learning curves: {evaluation.plot_learning_curves(rows, output / 'learning_curves.png', args.title)}")
+    return 0
+
+
+def _evaluate_detection(args, evaluation, output: Path) -> int:
+    annotations = evaluation.read_annotations_csv(args.annotations)
+    detections = evaluation.read_detections_csv(args.detections)
+    excluded = evaluation.read_annotations_csv(args.excluded) if args.excluded else []
+    seriesuids = evaluation.read_seriesuids(args.seriesuids) if args.seriesuids else None
+    match = evaluation.match_detections(detections, annotations, seriesuids, excluded)
+    curve = evaluation.froc_from_match(match, bootstrap=args.bootstrap)
+    counts = evaluation.counts_at_threshold(match, args.threshold)
+    print(f"{match.scans} scans, {match.nodules} nodules, {len(detections)} detections: "
+          f"{len(match.false_positive_probability)} false positives, {match.ignored} on irrelevant findings, "
+          f"{match.duplicates} repeated hits on a nodule")
+    rows = evaluation.froc_rows(curve)
+    print(evaluation.format_table(rows))
+    print(f"at threshold {counts.threshold:g}: precision {counts.precision:.3f}, recall {counts.recall:.3f}, "
+          f"F1 {counts.f1:.3f} ({counts.true_positives} TP, {counts.false_positives} FP, "
+          f"{counts.false_negatives} FN)")
+    output.mkdir(parents=True, exist_ok=True)
+    evaluation.write_rows_csv(rows, output / "froc.csv")
+    metrics = {"scans": match.scans, "nodules": match.nodules, "froc": rows, "cpm": rows[-1]["sensitivity"],
+               "at_threshold": {key: None if isinstance(value, float) and value != value else value
+                                for key, value in counts.__dict__.items()}}
+    (output / "detection_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"FROC plot: {evaluation.plot_froc(curve, output / 'froc.png', args.title)}")
+    print(f"metrics: {output / 'froc.csv'}, {output / 'detection_metrics.json'}")
+    return 0
+
+
+def _evaluate_segmentation(args, evaluation, output: Path) -> int:
+    import numpy as np
+    import SimpleITK as sitk
+
+    from .io import read_image
+
+    truth, prediction = read_image(args.truth), read_image(args.prediction)
+    evaluation.require_same_grid(truth, prediction)
+    if args.labels:
+        label_names = evaluation.read_label_names(args.labels)
+    else:
+        values = np.union1d(np.unique(sitk.GetArrayViewFromImage(truth)),
+                            np.unique(sitk.GetArrayViewFromImage(prediction)))
+        label_names = {int(value): str(int(value)) for value in values if value != 0}
+    rows = evaluation.segmentation_table(truth, prediction, label_names)
+    print(evaluation.format_table(rows))
+    present = [row["dice"] for row in rows if row["volume_truth_ml"] > 0]
+    if present:
+        print(f"mean Dice over the {len(present)} labels present in the truth: {float(np.mean(present)):.3f}")
+    output.mkdir(parents=True, exist_ok=True)
+    print(f"table: {evaluation.write_rows_csv(rows, output / 'segmentation.csv')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m RecognitionCore.cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -257,6 +323,30 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the model catalogue")
     models.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
     models.set_defaults(run=run_models)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate detections (FROC, CPM) or a segmentation (Dice, HD95), "
+                                                    "or plot a training log")
+    kinds = evaluate.add_subparsers(dest="kind", required=True)
+    detection = kinds.add_parser("detection", help="FROC, CPM and precision/recall/F1 by LUNA16's rules")
+    detection.add_argument("--annotations", required=True, help="LUNA16 annotations.csv (world mm, diameter_mm)")
+    detection.add_argument("--detections", required=True, help="seriesuid,coordX,coordY,coordZ,probability CSV")
+    detection.add_argument("--excluded", help="irrelevant findings (LUNA16 annotations_excluded.csv)")
+    detection.add_argument("--seriesuids", help="scans evaluated, one a line (default: those named in the CSVs)")
+    detection.add_argument("--threshold", type=float, default=0.5,
+                           help="probability threshold for precision/recall/F1 (default 0.5)")
+    detection.add_argument("--bootstrap", type=int, default=0,
+                           help="scan resamplings for 95%% confidence intervals (LUNA16: 1000; default 0: none)")
+    detection.add_argument("--title", default="FROC")
+    segmentation = kinds.add_parser("segmentation", help="Dice, 95%% Hausdorff distance and volumes per label")
+    segmentation.add_argument("--truth", required=True, help="reference labelmap (NRRD, NIfTI, MetaImage)")
+    segmentation.add_argument("--prediction", required=True, help="labelmap on the same grid as the truth")
+    segmentation.add_argument("--labels", help="CSV of value,name rows (default: the values present, unnamed)")
+    curves = kinds.add_parser("curves", help="plot a training log's losses and metrics per epoch")
+    curves.add_argument("--log", required=True, help="training log: CSV with a header, or JSON")
+    curves.add_argument("--title", default="Training")
+    for parser_of_kind in (detection, segmentation, curves):
+        parser_of_kind.add_argument("--output", default="out", help="output folder (default: out)")
+    evaluate.set_defaults(run=run_evaluate)
     return parser
 
 

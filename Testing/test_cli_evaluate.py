@@ -1,0 +1,114 @@
+"""The ``evaluate`` command: detection FROC tables on LUNA16 CSVs (hand-made and the real LIDC annotations), the
+segmentation table on labelmap files, learning curves from a log, and its errors for mismatched grids."""
+
+import contextlib
+import csv
+import io
+import json
+
+import numpy as np
+import SimpleITK as sitk
+
+from RecognitionCore import cli, evaluation
+from RecognitionCore.evaluation import Annotation, Detection
+
+
+def run_cli(*arguments):
+    """Exit status, standard output and standard error of one command."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main([str(argument) for argument in arguments])
+    return status, out.getvalue(), err.getvalue()
+
+
+def write_annotations(annotations, path):
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"))
+        writer.writerows((a.seriesuid, *a.center_lps_mm, a.diameter_mm) for a in annotations)
+    return path
+
+
+def test_detection_on_hand_made_csvs(tmp_path):
+    nodules = [Annotation("A", (0.0, 0.0, 0.0), 10.0), Annotation("B", (5.0, 5.0, 5.0), 8.0)]
+    detections = [Detection("A", (1.0, 0.0, 0.0), 0.9), Detection("A", (30.0, 0.0, 0.0), 0.8),
+                  Detection("B", (5.0, 5.0, 8.0), 0.3), Detection("C", (0.0, 0.0, 0.0), 0.95),
+                  Detection("C", (50.0, 0.0, 0.0), 0.99)]
+    excluded = [Annotation("C", (50.0, 0.0, 0.0), 6.0)]
+    (tmp_path / "seriesuids.csv").write_text("seriesuid\nA\nB\nC\nD\n")
+    status, out, _ = run_cli(
+        "evaluate", "detection", "--annotations", write_annotations(nodules, tmp_path / "annotations.csv"),
+        "--detections", evaluation.write_detections_csv(detections, tmp_path / "detections.csv"),
+        "--excluded", write_annotations(excluded, tmp_path / "excluded.csv"),
+        "--seriesuids", tmp_path / "seriesuids.csv", "--threshold", "0.5", "--output", tmp_path / "out")
+    assert status == 0, out
+    # 4 scans; thresholds 0.95 (FP), 0.9 (A), 0.8 (FP), 0.3 (B): points (1/4, 0), (1/4, 1/2), (1/2, 1/2), (1/2, 1)
+    metrics = json.loads((tmp_path / "out" / "detection_metrics.json").read_text())
+    assert [row["sensitivity"] for row in metrics["froc"]] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 5.5 / 7]
+    assert metrics["at_threshold"]["precision"] == 1 / 3 and metrics["at_threshold"]["recall"] == 0.5
+    assert "4 scans, 2 nodules, 5 detections: 2 false positives, 1 on irrelevant findings" in out
+    assert "precision 0.333, recall 0.500, F1 0.400" in out
+    assert "CPM" in out and "0.786" in out
+    assert (tmp_path / "out" / "froc.png").stat().st_size > 10_000
+    with open(tmp_path / "out" / "froc.csv") as stream:
+        assert [row["fps_per_scan"] for row in csv.DictReader(stream)][-1] == "CPM"
+
+
+def test_detection_on_the_real_lidc_annotations(tmp_path, shared_data):
+    annotations_csv = shared_data / "lidc" / "annotations.csv"
+    annotations = evaluation.read_annotations_csv(annotations_csv)
+    assert len(annotations) == 5
+    exact = [Detection(a.seriesuid, a.center_lps_mm, 0.9) for a in annotations]
+    # shifted by a whole diameter along x: out of its own nodule and, here, of every other one
+    shifted = [Detection(a.seriesuid, (a.center_lps_mm[0] + a.diameter_mm, *a.center_lps_mm[1:]), 0.9)
+               for a in annotations]
+    for name, detections, expected_cpm in (("exact", exact, 1.0), ("shifted", shifted, 0.0)):
+        path = evaluation.write_detections_csv(detections, tmp_path / f"{name}.csv")
+        status, out, err = run_cli("evaluate", "detection", "--annotations", annotations_csv, "--detections", path,
+                                   "--bootstrap", "100", "--output", tmp_path / name)
+        assert status == 0, err
+        metrics = json.loads((tmp_path / name / "detection_metrics.json").read_text())
+        assert metrics["cpm"] == expected_cpm and metrics["nodules"] == 5 and metrics["scans"] == 2, (name, out)
+        assert (tmp_path / name / "froc.png").is_file()
+
+
+def labelmap(array, spacing=(1.5, 1.5, 3.0), origin=(0.0, 0.0, 0.0)):
+    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    return image
+
+
+def test_segmentation_table_and_grid_mismatch(tmp_path):
+    truth = np.zeros((12, 24, 24), np.uint8)
+    truth[3:9, 4:12, 4:12] = 1
+    truth[3:9, 14:20, 14:20] = 2
+    prediction = truth.copy()
+    prediction[3:9, 4:12, 4:8] = 0
+    sitk.WriteImage(labelmap(truth), str(tmp_path / "truth.nii.gz"))
+    sitk.WriteImage(labelmap(prediction), str(tmp_path / "prediction.nrrd"))
+    (tmp_path / "labels.csv").write_text("value,name\n1,liver\n2,spleen\n")
+    status, out, err = run_cli("evaluate", "segmentation", "--truth", tmp_path / "truth.nii.gz", "--prediction",
+                               tmp_path / "prediction.nrrd", "--labels", tmp_path / "labels.csv",
+                               "--output", tmp_path / "out")
+    assert status == 0, err
+    with open(tmp_path / "out" / "segmentation.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["name"] for row in rows] == ["liver", "spleen"]
+    assert np.isclose(float(rows[0]["dice"]), 2 * 192 / (384 + 192)) and float(rows[1]["dice"]) == 1.0
+    assert np.isclose(float(rows[0]["volume_truth_ml"]), 384 * 1.5 * 1.5 * 3.0 / 1000)
+    assert "liver" in out and "mean Dice over the 2 labels" in out
+
+    sitk.WriteImage(labelmap(prediction, origin=(0.0, 0.0, 6.0)), str(tmp_path / "moved.nrrd"))
+    status, out, err = run_cli("evaluate", "segmentation", "--truth", tmp_path / "truth.nii.gz", "--prediction",
+                               tmp_path / "moved.nrrd", "--output", tmp_path / "moved")
+    assert status == 2 and "not on the truth's grid" in err and "origin (0, 0, 6)" in err, err
+    assert not (tmp_path / "moved").exists()
+
+
+def test_learning_curves_from_a_log(tmp_path):
+    log = [{"epoch": epoch, "train_loss": 2.0 / epoch, "val_dice": 0.5 + epoch / 40} for epoch in range(1, 9)]
+    (tmp_path / "log.json").write_text(json.dumps({"epochs": log}))
+    status, out, err = run_cli("evaluate", "curves", "--log", tmp_path / "log.json", "--output", tmp_path)
+    assert status == 0, err
+    assert "train_loss" in out and (tmp_path / "learning_curves.png").stat().st_size > 10_000
