@@ -1,0 +1,89 @@
+"""Training and fine-tuning on generated cases: the loss falls, checkpoints reload and resume, frozen stages stay as
+they were while the rest learns, and bad datasets or a full disk give clear errors."""
+
+import numpy as np
+import torch
+
+from RecognitionCore import datasets, networks, training
+from RecognitionCore.errors import InputError
+from RecognitionCore.models import ModelCard, sha256_of_file
+from RecognitionCore.testing import assert_raises
+
+TASK = training.SegmentationTask({1: "liver", 2: "spleen"}, (8.0, 8.0, 8.0),
+                                 {"type": "window", "hu_min": -200, "hu_max": 300}, (24, 24, 16))
+
+
+def tiny_unet():
+    return networks.segmenter_architecture("unet", out_channels=TASK.out_channels, size="tiny")
+
+
+def config(**changes):
+    settings = dict(max_epochs=2, iterations_per_epoch=4, batch_size=2, learning_rate=3e-3, device="cpu",
+                    min_free_disk_mb=1.0)
+    settings.update(changes)
+    return training.TrainingConfig(**settings)
+
+
+def abdomen_cases(tmp_path, count=3):
+    return datasets.write_synthetic_segmentation_dataset(tmp_path / "data", count, seed=0, kind="abdomen",
+                                                         size_ijk=(48, 48, 24))
+
+
+def test_segmenter_loss_falls_and_the_best_checkpoint_reloads(tmp_path):
+    cases = abdomen_cases(tmp_path)
+    network, result, reinitialised = training.train_segmenter(
+        TASK, cases[:2], cases[2:], tmp_path / "run", config(max_epochs=3), architecture=tiny_unet())
+    losses = [row["train_loss"] for row in result.log]
+    assert losses[-1] < losses[0], losses
+    assert reinitialised == [] and result.epochs_run == 3
+    assert (tmp_path / "run" / "training" / "learning_curves.png").stat().st_size > 5000
+    reloaded = training.load_best_weights(networks.build_segmenter("unet", out_channels=3, size="tiny"),
+                                          result.output_dir)
+    for name, value in network.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[name]), name
+
+
+def test_fine_tuning_keeps_frozen_stages_and_trains_the_rest(tmp_path):
+    cases = abdomen_cases(tmp_path)
+    start_network = networks.build_segmenter("unet", out_channels=3, size="tiny")
+    torch.save(start_network.state_dict(), tmp_path / "start.pt")
+    start = ModelCard(id="start", title="start", task="segmentation", labels=TASK.label_names,
+                      spacing_mm=TASK.spacing_mm, intensity=TASK.intensity, architecture=tiny_unet(),
+                      weights={"file": "start.pt", "sha256": sha256_of_file(tmp_path / "start.pt")},
+                      roi_size=TASK.roi_size, licence="test", base_dir=tmp_path)
+    network, result, _ = training.train_segmenter(TASK, cases[:2], cases[2:], tmp_path / "run",
+                                                  config(freeze_stages=1), start=start, architecture=tiny_unet())
+    before, after = start_network.state_dict(), network.state_dict()
+    frozen = set(result.frozen_parameters)
+    assert frozen and all(name.startswith("model.0.") for name in frozen)  # the stem of the UNet
+    for name in after:
+        if name in frozen or (name.startswith("model.0.") and "running" in name):
+            assert torch.equal(before[name], after[name]), f"frozen {name} changed"
+    trained = [name for name in after if name not in frozen and after[name].dtype.is_floating_point
+               and not torch.equal(before[name], after[name])]
+    assert len(trained) > 5
+    assert np.isfinite(result.start_metric) and np.isfinite(result.best_metric)
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path):
+    cases = abdomen_cases(tmp_path)
+    training.train_segmenter(TASK, cases[:2], cases[2:], tmp_path / "run", config(max_epochs=1),
+                             architecture=tiny_unet())
+    _, result, _ = training.train_segmenter(TASK, cases[:2], cases[2:], tmp_path / "run", config(max_epochs=2),
+                                            architecture=tiny_unet(), resume=True)
+    assert [row["epoch"] for row in result.log] == [1, 2]
+
+
+def test_bad_datasets_and_a_full_disk_are_named(tmp_path):
+    cases = abdomen_cases(tmp_path)
+    no_positive = training.SegmentationTask({1: "no such organ"}, TASK.spacing_mm, TASK.intensity, TASK.roi_size)
+    assert_raises(InputError, training.train_segmenter, no_positive, cases[:2], cases[2:], tmp_path / "a",
+                  config(), architecture=networks.segmenter_architecture("unet", out_channels=2, size="tiny"),
+                  match="no labelled voxel")
+    assert_raises(InputError, training.train_segmenter, TASK, cases[:2], cases[2:], tmp_path / "b",
+                  config(min_free_disk_mb=1e12), architecture=tiny_unet(), match="Not enough free disk space")
+    broken = datasets.SegmentationCase("broken", "broken", str(tmp_path / "missing.nrrd"), cases[0].label_path,
+                                       cases[0].label_names)
+    _, result, _ = training.train_segmenter(TASK, [cases[0], broken, cases[1]], cases[2:], tmp_path / "c",
+                                            config(max_epochs=1), architecture=tiny_unet())
+    assert result.epochs_run == 1  # the corrupt case was skipped with a warning
