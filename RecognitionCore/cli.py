@@ -3,6 +3,8 @@
     python -m RecognitionCore.cli prepare [--input CT ...] [--output DIR]   # check + preprocess; .mrb, PNG, JSON
     python -m RecognitionCore.cli phantom --kind chest --output DIR          # a generated CT with its ground truth
     python -m RecognitionCore.cli models                                     # the model catalogue
+    python -m RecognitionCore.cli evaluate detection|segmentation|curves ... # FROC/CPM, Dice/HD95, learning curves
+    python -m RecognitionCore.cli train segmentation|detection ...           # train or fine-tune; a new model card
 
 Without ``--input``, ``prepare`` runs on a generated chest phantom, so it works with no data and no network.
 Each case is written to its own files; a failing case is reported and the others go on (exit status 1 if any failed).
@@ -11,6 +13,7 @@ Each case is written to its own files; a failing case is reported and the others
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -293,6 +296,96 @@ def _evaluate_segmentation(args, evaluation, output: Path) -> int:
     return 0
 
 
+def _training_cases(args):
+    """(train, validation) from a dataset JSON, or from a folder (split by patient, the split written for reuse)."""
+    from . import datasets
+
+    if args.dataset:
+        train, validation, _ = datasets.read_dataset_json(args.dataset)
+        return train, validation
+    if args.task == "detection":
+        if not args.annotations:
+            raise RecognitionError("Detection training needs --dataset, or --images with --annotations (LUNA16).")
+        cases = datasets.luna16_cases(args.images, args.annotations)
+    else:
+        cases = datasets.segmentation_cases(args.images)
+    train, validation = datasets.split_by_patient(cases, args.validation_fraction, seed=args.seed)
+    datasets.write_dataset_json(Path(args.output) / "dataset.json", train, validation,
+                                {"task": args.task, "split_seed": args.seed})
+    return train, validation
+
+
+def _start_card(args):
+    """The model to fine-tune: a catalogue id, or a MONAI bundle folder; None to train from scratch."""
+    from .models import Catalogue, card_from_bundle
+
+    if args.start_bundle:
+        card = card_from_bundle(args.start_bundle)
+        return dataclasses.replace(card, bundle={"name": Path(args.start_bundle).name, "dir": str(args.start_bundle)})
+    if args.start:
+        return Catalogue.with_user_manifests(args.manifest_dir or []).get(args.start)
+    return None
+
+
+def run_train(args) -> int:
+    from . import networks, training
+    from .progress import Progress
+
+    start = _start_card(args)
+    train, validation = _training_cases(args)
+    config = training.TrainingConfig(max_epochs=args.epochs, iterations_per_epoch=args.iterations,
+                                     batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                     freeze_stages=args.freeze_stages, unfreeze_at_epoch=args.unfreeze_at_epoch,
+                                     patience_epochs=args.patience, seed=args.seed, device=args.device)
+    spacing = tuple(args.spacing_mm) if args.spacing_mm else (start.spacing_mm if start else None)
+    intensity = {"type": "window", "hu_min": args.window[0], "hu_max": args.window[1]} if args.window else \
+        (start.intensity if start else None)
+    roi_size = tuple(args.roi) if args.roi else (start.roi_size if start else None)
+    if spacing is None or intensity is None or roi_size is None:
+        raise RecognitionError("Give --spacing-mm, --window and --roi (or --start a model that states them).")
+    progress = Progress(None if args.quiet else _print_progress)
+    if args.task == "segmentation":
+        labels = dict(_label_argument(item) for item in args.label) if args.label else (start.labels if start else {})
+        if not labels:
+            raise RecognitionError("Give the labels to learn, e.g. --label 1=liver --label 2=spleen.")
+        task = training.SegmentationTask(labels, spacing, intensity, roi_size)
+        architecture = start.architecture if start is not None and start.architecture else \
+            networks.segmenter_architecture(args.network, out_channels=task.out_channels, size=args.size)
+        network, result, reinitialised = training.train_segmenter(
+            task, train, validation, args.output, config, start=start, architecture=architecture,
+            resume=args.resume, progress=progress)
+        fields = {"labels": {str(k): v for k, v in labels.items()}}
+        metric_name = "mean Dice"
+    else:
+        task = training.DetectionTask(spacing, intensity, roi_size)
+        architecture = start.architecture if start is not None and start.architecture else \
+            networks.detector_architecture(args.size)
+        network, result, reinitialised = training.train_detector(
+            task, train, validation, args.output, config, start=start, architecture=architecture,
+            resume=args.resume, progress=progress)
+        fields = {"labels": {"0": "nodule"}}
+        metric_name = "CPM"
+    fields.update(id=args.model_id, title=args.title or args.model_id, task=args.task, spacing_mm=list(spacing),
+                  intensity=intensity, roi_size=list(roi_size), licence=args.licence,
+                  description=f"Trained with RecognitionCore.cli train on {len(train)} cases",
+                  source=f"fine-tuned from {start.id}" if start else "trained from scratch")
+    card = training.write_model(network, args.output, fields, architecture, result,
+                                {"data": f"{len(train)} training / {len(validation)} validation cases",
+                                 "start": start.id if start else None, "config": dataclasses.asdict(config),
+                                 "reinitialised_weights": len(reinitialised)})
+    print(f"validation {metric_name}: starting model {result.start_metric:.3f}, fine-tuned {result.best_metric:.3f} "
+          f"(best epoch {result.best_epoch} of {result.epochs_run}{', stopped early' if result.stopped_early else ''})")
+    print(f"model card: {Path(args.output) / (card.id + '.json')} (use --manifest-dir {args.output})")
+    return 0
+
+
+def _label_argument(text: str):
+    value, _, name = text.partition("=")
+    if not value.strip().isdigit() or not name.strip():
+        raise RecognitionError(f"Labels are given as VALUE=NAME, e.g. 1=liver; got {text!r}.")
+    return int(value), name.strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m RecognitionCore.cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -347,6 +440,38 @@ def build_parser() -> argparse.ArgumentParser:
     for parser_of_kind in (detection, segmentation, curves):
         parser_of_kind.add_argument("--output", default="out", help="output folder (default: out)")
     evaluate.set_defaults(run=run_evaluate)
+
+    train = commands.add_parser("train", help="train or fine-tune a segmenter or the nodule detector")
+    train.add_argument("task", choices=("segmentation", "detection"))
+    train.add_argument("--dataset", help="dataset JSON (as written by a previous run) with the train/validation split")
+    train.add_argument("--images", help="folder of images (+ labelmaps for segmentation)")
+    train.add_argument("--annotations", help="LUNA16 annotations.csv (detection)")
+    train.add_argument("--validation-fraction", type=float, default=0.2)
+    train.add_argument("--start", help="catalogue id of the model to fine-tune")
+    train.add_argument("--start-bundle", help="MONAI bundle folder to fine-tune")
+    train.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
+    train.add_argument("--label", action="append", help="VALUE=NAME, e.g. 1=liver (segmentation)")
+    train.add_argument("--spacing-mm", type=float, nargs=3, metavar=("X", "Y", "Z"))
+    train.add_argument("--window", type=float, nargs=2, metavar=("HU_MIN", "HU_MAX"))
+    train.add_argument("--roi", type=int, nargs=3, metavar=("I", "J", "K"), help="training patch in voxels")
+    train.add_argument("--network", choices=("unet", "segresnet"), default="unet")
+    train.add_argument("--size", default="small", help="preset size: tiny or small")
+    train.add_argument("--epochs", type=int, default=30)
+    train.add_argument("--iterations", type=int, default=20, help="iterations per epoch")
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--freeze-stages", type=int, default=2, help="backbone stages kept frozen when fine-tuning")
+    train.add_argument("--unfreeze-at-epoch", type=int)
+    train.add_argument("--patience", type=int, default=8, help="epochs without improvement before stopping")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto")
+    train.add_argument("--resume", action="store_true", help="continue from the output folder's last checkpoint")
+    train.add_argument("--model-id", default="my_model")
+    train.add_argument("--title")
+    train.add_argument("--licence", default="for research use at the training site")
+    train.add_argument("--output", required=True)
+    train.add_argument("--quiet", action="store_true")
+    train.set_defaults(run=run_train)
     return parser
 
 

@@ -170,6 +170,16 @@ class ModelCard:
         return data
 
 
+def add_to_manifest(path, card: "ModelCard") -> Path:
+    """Write ``card`` into the manifest at ``path`` (created if missing), replacing an entry with the same id; its
+    weights file must sit in the manifest's folder, where the entry's relative path points."""
+    path = Path(path)
+    document = json.loads(path.read_text()) if path.is_file() else {"format_version": 1, "models": []}
+    document["models"] = [entry for entry in document["models"] if entry.get("id") != card.id] + [card.to_dict()]
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
 def _json_object(data, key, context) -> Optional[Dict[str, Any]]:
     value = data.get(key)
     if value is not None and not isinstance(value, dict):

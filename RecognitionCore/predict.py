@@ -57,3 +57,34 @@ def predict_labels(image: sitk.Image, card, network, device="auto", sw_batch_siz
     labels = restore_to_input(from_network_array(labels_ijk, prepared), inverse, interpolator="nearest")
     progress.report(1.0, "Labels ready")
     return labels
+
+
+def predict_nodules(image: sitk.Image, card, network, device="auto", progress: Optional[Progress] = None) -> list:
+    """Nodule candidates of a detection ``card``'s ``network`` on a CT: [(center_lps_mm, diameter_mm, score)],
+    best first. Boxes come back in the network array's voxels and are mapped to LPS through the same reoriented grid
+    the network saw; the diameter is the box's mean extent in mm."""
+    import torch
+
+    from .device import choose_device
+
+    progress = as_progress(progress)
+    if card.task != "detection":
+        raise ModelError(f"Model '{card.id}' is a {card.task} model; a detection model is needed here.")
+    prepared, _ = preprocess_for_model(image, card.spacing_mm, card.intensity, progress.sub(0.0, 0.15))
+    oriented = sitk.DICOMOrient(prepared, NETWORK_ORIENTATION)
+    array = to_network_array(prepared)
+    device = choose_device(device) if isinstance(device, str) else device
+    network = network.to(device).eval()
+    roi_size = card.roi_size or array.shape
+    network.set_sliding_window(roi_size, overlap=0.25, sw_batch_size=1, device=device)
+    use_inferer = any(n > r for n, r in zip(array.shape, roi_size))
+    progress.report(0.2, "Detecting nodules")
+    result = network([torch.as_tensor(array[None], device=device)], use_inferer=use_inferer, masks=False)[0]
+    boxes = result["boxes"].detach().cpu().numpy().reshape(-1, 2, 3)
+    spacing = np.array(oriented.GetSpacing())
+    nodules = []
+    for box, score in zip(boxes, result["scores"].detach().cpu().numpy()):
+        center = oriented.TransformContinuousIndexToPhysicalPoint([float(v) for v in box.mean(axis=0)])
+        nodules.append((tuple(center), float(np.mean((box[1] - box[0]) * spacing)), float(score)))
+    progress.report(1.0, f"{len(nodules)} candidates")
+    return sorted(nodules, key=lambda nodule: -nodule[2])

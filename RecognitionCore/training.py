@@ -355,3 +355,154 @@ def train_segmenter(task: SegmentationTask, train_cases, validation_cases, outpu
                       lambda: networks.unfreeze_stages(network), progress.sub(0.1, 1.0))
     result = trainer.run(resume)
     return load_best_weights(network, result.output_dir), result, reinitialised
+
+
+@dataclasses.dataclass
+class DetectionTask:
+    """What a nodule detector is trained on: the input its card declares and the patch size."""
+
+    spacing_mm: tuple
+    intensity: dict
+    roi_size: tuple              # (I, J, K) training patch, a multiple of the detector's size_divisible
+    positive_fraction: float = 0.7   # patches centred near a nodule; the rest anywhere
+
+
+def _sphere_masks(shape, boxes) -> "np.ndarray":
+    """Foreground of the ellipsoids inscribed in the nodule boxes (the mask head's target; truth is centre + size)."""
+    import numpy as np
+
+    grid = np.indices(shape, dtype=np.float32)
+    mask = np.zeros(shape, dtype=bool)
+    for box in boxes:
+        centre, semi = (box[:3] + box[3:]) / 2, np.maximum((box[3:] - box[:3]) / 2, 0.5)
+        mask |= sum(((grid[axis] - centre[axis]) / semi[axis]) ** 2 for axis in range(3)) <= 1.0
+    return mask
+
+
+def _detection_patch(case: dict, roi_size, rng, positive_fraction: float) -> dict:
+    """A random ``roi_size`` patch (centred near a nodule with ``positive_fraction``), randomly flipped, with the
+    boxes whose centre falls inside it, shifted (and flipped) with it."""
+    import numpy as np
+
+    image, boxes = case["image"][0], case["boxes"]
+    shape, roi = np.array(image.shape), np.array(roi_size)
+    if len(boxes) and rng.random() < positive_fraction:
+        centre = (boxes[rng.integers(len(boxes))].reshape(2, 3).mean(axis=0) + rng.uniform(-0.3, 0.3, 3) * roi)
+    else:
+        centre = rng.uniform(0, shape)
+    start = np.clip(np.round(centre - roi / 2).astype(int), 0, np.maximum(shape - roi, 0))
+    patch = np.full(roi, image.min(), dtype=np.float32)
+    region = tuple(slice(s, s + min(r, n)) for s, r, n in zip(start, roi, shape))
+    patch[tuple(slice(0, r.stop - r.start) for r in region)] = image[region]
+    shifted = boxes - np.tile(start, 2)
+    centres = shifted.reshape(-1, 2, 3).mean(axis=1)
+    kept = shifted[np.all((centres >= 0) & (centres <= roi - 1), axis=1)]
+    for axis in range(3):
+        if rng.random() < 0.5:
+            patch = np.flip(patch, axis)
+            kept[:, [axis, axis + 3]] = roi[axis] - 1 - kept[:, [axis + 3, axis]]
+    patch = patch * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05)
+    return {"image": np.ascontiguousarray(patch)[None], "boxes": kept.astype(np.float32),
+            "masks": _sphere_masks(tuple(roi), kept)}
+
+
+def _detection_batches(prepared: list, task: DetectionTask, batch_size: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    while True:
+        patches = [_detection_patch(prepared[int(rng.integers(len(prepared)))], task.roi_size, rng,
+                                    task.positive_fraction) for _ in range(batch_size)]
+        yield patches
+
+
+def detection_cpm(network, prepared_cases: list, spacing_mm, device) -> float:
+    """CPM (LUNA16 FROC) of the detector on whole preprocessed validation volumes; distances in mm on the model grid
+    (index x spacing: exact for axis-aligned CTs, which the network arrays of CT scans are)."""
+    import numpy as np
+
+    from .evaluation import Annotation, Detection, cpm, froc
+
+    spacing = np.asarray(spacing_mm, dtype=float)
+    detections, annotations = [], []
+    for index, case in enumerate(prepared_cases):
+        image = torch.as_tensor(case["image"]).to(device)
+        use_inferer = any(n > r for n, r in zip(case["image"].shape[1:], network.detector.inferer.roi_size)) \
+            if getattr(network.detector, "inferer", None) is not None else False
+        result = network([image], use_inferer=use_inferer, masks=False)[0]
+        boxes = result["boxes"].detach().cpu().numpy().reshape(-1, 2, 3)
+        for centre, score in zip(boxes.mean(axis=1), result["scores"].detach().cpu().numpy()):
+            detections.append(Detection(str(index), tuple(centre * spacing), float(score)))
+        for box in case["boxes"].reshape(-1, 2, 3):
+            annotations.append(Annotation(str(index), tuple(box.mean(axis=0) * spacing),
+                                          float((box[1, 0] - box[0, 0]) * spacing[0])))
+    if not annotations:
+        raise InputError("The validation cases hold no nodule: the detector cannot be judged on them.")
+    return cpm(froc(detections, annotations, [str(index) for index in range(len(prepared_cases))]))
+
+
+def train_detector(task: DetectionTask, train_cases, validation_cases, output_dir, config: TrainingConfig,
+                   start=None, architecture: Optional[dict] = None, resume: bool = False,
+                   progress: Optional[Progress] = None):
+    """Train or fine-tune the nodule detector (with its mask head); returns (network with the best weights,
+    TrainingResult, weights left at their initialisation). ``start``: a ModelCard to fine-tune, or None."""
+    from functools import partial
+
+    from . import networks
+    from .datasets import load_detection_case, prepare_detection_case
+    from .device import choose_device
+    from .models import build_architecture, load_network
+
+    progress = as_progress(progress)
+    device = choose_device(config.device)
+    network = build_architecture(architecture or networks.detector_architecture("small"))
+    reinitialised: List[str] = []
+    if start is not None:
+        reinitialised = load_matching_weights(network, load_network(start, device="cpu").state_dict())
+    prepare = partial(prepare_detection_case, spacing_mm=task.spacing_mm, intensity=task.intensity)
+    train = _prepared_cases(train_cases, load_detection_case, prepare, progress.sub(0.0, 0.05), "training")
+    validation = _prepared_cases(validation_cases, load_detection_case, prepare, progress.sub(0.05, 0.1),
+                                 "validation")
+    if not any(len(case["boxes"]) for case in train):
+        raise InputError("The training cases hold no nodule: a detector needs positive examples.")
+    network.set_sliding_window(task.roi_size, overlap=0.25, sw_batch_size=1, device=device)
+    frozen = networks.freeze_stages(network, config.freeze_stages) if start is not None else []
+    groups = networks.parameter_groups(network, config.learning_rate * config.backbone_lr_factor,
+                                       config.learning_rate) if start is not None else None
+
+    def step(model, patches):
+        images = [torch.as_tensor(patch["image"], device=device) for patch in patches]
+        targets = [{"boxes": torch.as_tensor(patch["boxes"], device=device),
+                    "labels": torch.zeros(len(patch["boxes"]), dtype=torch.long, device=device),
+                    "masks": torch.as_tensor(patch["masks"], device=device)} for patch in patches]
+        return sum(model(images, targets).values())
+
+    trainer = Trainer(network, step, lambda model: detection_cpm(model, validation, task.spacing_mm, device),
+                      lambda: _detection_batches(train, task, config.batch_size, config.seed), config,
+                      Path(output_dir) / "training", device, groups, frozen,
+                      lambda: networks.unfreeze_stages(network), progress.sub(0.1, 1.0))
+    result = trainer.run(resume)
+    return load_best_weights(network, result.output_dir), result, reinitialised
+
+
+def write_model(network: torch.nn.Module, output_dir, card_fields: dict, architecture: dict,
+                result: TrainingResult, training_description: dict):
+    """Save the weights as ``<id>.pt`` and a one-card manifest ``<id>.json`` beside them (a catalogue folder the
+    modules and ``cli models --manifest-dir`` read at once); returns the ModelCard."""
+    from .models import ModelCard, add_to_manifest, sha256_of_file
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_id = card_fields["id"]
+    weights = output_dir / f"{model_id}.pt"
+    save_atomically(network.state_dict(), weights, min_free_mb=1.0)
+    training = {**training_description, "epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+                "stopped_early": result.stopped_early, "frozen_parameters": len(result.frozen_parameters)}
+    metrics = {"validation (start)": result.start_metric, "validation (best)": result.best_metric,
+               **card_fields.pop("metrics", {})}
+    card = ModelCard.from_dict({**card_fields, "architecture": architecture, "training": training,
+                                "metrics": metrics,
+                                "weights": {"file": weights.name, "sha256": sha256_of_file(weights),
+                                            "size_bytes": weights.stat().st_size}}, base_dir=output_dir)
+    add_to_manifest(output_dir / f"{model_id}.json", card)
+    return card

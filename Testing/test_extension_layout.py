@@ -21,7 +21,7 @@ EXTENSION_FIELDS = ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICON
 CATALOG_REQUIRED = {"$schema", "category", "scm_url"}
 CATALOG_ALLOWED = CATALOG_REQUIRED | {"scm_revision", "scm_type", "build_dependencies", "build_subdirectory",
                                       "enabled", "tier"}
-FILE_TOKEN = re.compile(r"[\w${}./-]+\.(?:py|ui|png|svg|json|txt|csv|md)\b")
+FILE_TOKEN = re.compile(r"[\w${}./-]+\.(?:py|ui|png|svg|json|txt|csv|md|pt)\b")
 
 
 def cmake_text(directory: Path) -> str:

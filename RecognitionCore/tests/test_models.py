@@ -143,13 +143,22 @@ def test_catalogue_lookup_override_and_manifest_errors(tmp_path):
 
 def test_shipped_catalogue_points_at_zoo_bundles_without_urls(tmp_path):
     catalogue = Catalogue()
-    assert catalogue.ids() == ["lung_nodule_ct_detection", "spleen_ct_segmentation", "wholeBody_ct_segmentation"]
+    zoo_bundles = ["lung_nodule_ct_detection", "spleen_ct_segmentation", "wholeBody_ct_segmentation"]
+    assert catalogue.ids() == sorted(zoo_bundles + ["mir_abdomen_organs_unet"])
     assert "url" not in SHIPPED_CATALOGUE.read_text()
-    for model_id in catalogue.ids():
+    for model_id in zoo_bundles:
         card = catalogue.get(model_id)
         assert card.is_bundle and card.bundle["name"] == model_id and card.licence
         assert_raises(ModelError, find_bundle_dir, card, search_dirs=[tmp_path],
                       match=f"python -m monai.bundle download {model_id}")
+
+
+def test_shipped_default_model_loads_verified_and_states_how_it_was_made():
+    card = Catalogue().get("mir_abdomen_organs_unet")
+    network = load_network(card)  # SHA-256 checked against the card
+    assert sum(p.numel() for p in network.parameters()) > 100_000
+    assert card.training["data"] and card.metrics["validation (best)"] > 0.5
+    assert any("TotalSegmentator" in key for key in card.metrics)  # measured on the real case too
 
 
 def test_local_weights_are_checked_against_sha256(tmp_path):

@@ -87,3 +87,41 @@ def test_bad_datasets_and_a_full_disk_are_named(tmp_path):
     _, result, _ = training.train_segmenter(TASK, [cases[0], broken, cases[1]], cases[2:], tmp_path / "c",
                                             config(max_epochs=1), architecture=tiny_unet())
     assert result.epochs_run == 1  # the corrupt case was skipped with a warning
+
+
+DETECTION = training.DetectionTask((6.0, 6.0, 6.0), {"type": "window", "hu_min": -1024, "hu_max": 300},
+                                   (48, 48, 40), positive_fraction=0.9)  # one window covers a whole test volume
+
+
+def test_detector_loss_falls_and_frozen_stages_stay(tmp_path):
+    cases = datasets.write_synthetic_detection_dataset(tmp_path / "chest", 3, seed=5, size_ijk=(48, 48, 32),
+                                                       spacing_mm=(6.0, 6.0, 8.0), nodules_per_case=3)
+    architecture = networks.detector_architecture("tiny")
+    network, result, _ = training.train_detector(DETECTION, cases[:2], cases[2:], tmp_path / "scratch",
+                                                 config(max_epochs=2, iterations_per_epoch=10),
+                                                 architecture=architecture)
+    losses = [row["train_loss"] for row in result.log]
+    assert losses[-1] < losses[0], losses
+    assert 0.0 <= result.best_metric <= 1.0
+    card = training.write_model(network, tmp_path / "model", {"id": "tiny_detector", "title": "t", "task": "detection",
+                                                              "labels": {"0": "nodule"}, "licence": "test",
+                                                              "spacing_mm": [6, 6, 6], "roi_size": [48, 48, 40],
+                                                              "intensity": DETECTION.intensity},
+                                architecture, result, {"data": "3 phantoms"})
+    fine_tuned, tuned, _ = training.train_detector(DETECTION, cases[:2], cases[2:], tmp_path / "tuned",
+                                                   config(max_epochs=1, iterations_per_epoch=3, freeze_stages=2),
+                                                   start=card, architecture=architecture)
+    before = network.state_dict()
+    for name in tuned.frozen_parameters:
+        assert torch.equal(before[name], fine_tuned.state_dict()[name]), name
+    assert any(not torch.equal(before[name], value) for name, value in fine_tuned.state_dict().items()
+               if name not in tuned.frozen_parameters and value.dtype.is_floating_point)
+    assert tuned.start_metric == result.best_metric  # the starting model, judged on the same validation case
+
+
+def test_detector_refuses_a_dataset_without_nodules(tmp_path):
+    cases = datasets.write_synthetic_detection_dataset(tmp_path / "chest", 2, seed=5, size_ijk=(64, 64, 40),
+                                                       spacing_mm=(5.0, 5.0, 8.0), nodules_per_case=1)
+    empty = [datasets.DetectionCase(case.case_id, case.patient_id, case.image_path, ()) for case in cases]
+    assert_raises(InputError, training.train_detector, DETECTION, empty[:1], cases[1:], tmp_path / "run", config(),
+                  architecture=networks.detector_architecture("tiny"), match="no nodule")
