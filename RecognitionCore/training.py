@@ -304,6 +304,22 @@ class SegmentationTask:
         return max(self.label_names) + 1
 
 
+def load_task_case(case, task: SegmentationTask):
+    """(image, labels) of a case, checked against its own label map, renumbered to the task's labels by name."""
+    from .datasets import load_segmentation_case
+
+    image, labels = load_segmentation_case(case, allowed_labels=case.label_names or task.label_names)
+    return image, relabel_by_name(labels, case.label_names or task.label_names, task.label_names)
+
+
+def augmentation_settings(label_names: dict):
+    """No left-right flips when labels tell left from right (a flip would swap their meaning)."""
+    from .augmentation import AugmentationSettings
+
+    lateral = any(side in name.lower() for name in label_names.values() for side in ("left", "right"))
+    return AugmentationSettings(flip_axes=(1, 2)) if lateral else AugmentationSettings()
+
+
 def train_segmenter(task: SegmentationTask, train_cases, validation_cases, output_dir, config: TrainingConfig,
                     start=None, architecture: Optional[dict] = None, resume: bool = False,
                     progress: Optional[Progress] = None):
@@ -318,7 +334,7 @@ def train_segmenter(task: SegmentationTask, train_cases, validation_cases, outpu
 
     from . import networks
     from .augmentation import training_transforms
-    from .datasets import load_segmentation_case, prepare_segmentation_pair
+    from .datasets import prepare_segmentation_pair
     from .device import choose_device
     from .models import build_architecture, load_network
 
@@ -329,10 +345,7 @@ def train_segmenter(task: SegmentationTask, train_cases, validation_cases, outpu
     reinitialised: List[str] = []
     if start is not None:
         reinitialised = load_matching_weights(network, load_network(start, device="cpu").state_dict())
-    def load(case):
-        image, labels = load_segmentation_case(case, allowed_labels=case.label_names or task.label_names)
-        return image, relabel_by_name(labels, case.label_names or task.label_names, task.label_names)
-
+    load = partial(load_task_case, task=task)
     prepare = partial(prepare_segmentation_pair, spacing_mm=task.spacing_mm, intensity=task.intensity)
     train = _prepared_cases(train_cases, load, prepare, progress.sub(0.0, 0.05), "training")
     validation = _prepared_cases(validation_cases, load, prepare, progress.sub(0.05, 0.1), "validation")
@@ -342,7 +355,8 @@ def train_segmenter(task: SegmentationTask, train_cases, validation_cases, outpu
     groups = networks.parameter_groups(network, config.learning_rate * config.backbone_lr_factor,
                                        config.learning_rate) if start is not None else None
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    transforms = training_transforms(task.roi_size, num_samples=config.batch_size, seed=config.seed)
+    transforms = training_transforms(task.roi_size, num_samples=config.batch_size, seed=config.seed,
+                                     settings=augmentation_settings(task.label_names))
 
     def step(model, batch):
         return loss_function(model(batch["image"].to(device)), batch["label"].to(device))
@@ -416,6 +430,15 @@ def _detection_batches(prepared: list, task: DetectionTask, batch_size: int, see
         yield patches
 
 
+def detection_loss(model, patches: list, device) -> torch.Tensor:
+    """The detector's training loss on a batch of patches: classification + box regression + mask."""
+    images = [torch.as_tensor(patch["image"], device=device) for patch in patches]
+    targets = [{"boxes": torch.as_tensor(patch["boxes"], device=device),
+                "labels": torch.zeros(len(patch["boxes"]), dtype=torch.long, device=device),
+                "masks": torch.as_tensor(patch["masks"], device=device)} for patch in patches]
+    return sum(model(images, targets).values())
+
+
 def detection_cpm(network, prepared_cases: list, spacing_mm, device) -> float:
     """CPM (LUNA16 FROC) of the detector on whole preprocessed validation volumes; distances in mm on the model grid
     (index x spacing: exact for axis-aligned CTs, which the network arrays of CT scans are)."""
@@ -470,14 +493,7 @@ def train_detector(task: DetectionTask, train_cases, validation_cases, output_di
     groups = networks.parameter_groups(network, config.learning_rate * config.backbone_lr_factor,
                                        config.learning_rate) if start is not None else None
 
-    def step(model, patches):
-        images = [torch.as_tensor(patch["image"], device=device) for patch in patches]
-        targets = [{"boxes": torch.as_tensor(patch["boxes"], device=device),
-                    "labels": torch.zeros(len(patch["boxes"]), dtype=torch.long, device=device),
-                    "masks": torch.as_tensor(patch["masks"], device=device)} for patch in patches]
-        return sum(model(images, targets).values())
-
-    trainer = Trainer(network, step, lambda model: detection_cpm(model, validation, task.spacing_mm, device),
+    trainer = Trainer(network, partial(detection_loss, device=device), lambda model: detection_cpm(model, validation, task.spacing_mm, device),
                       lambda: _detection_batches(train, task, config.batch_size, config.seed), config,
                       Path(output_dir) / "training", device, groups, frozen,
                       lambda: networks.unfreeze_stages(network), progress.sub(0.1, 1.0))

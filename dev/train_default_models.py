@@ -51,8 +51,7 @@ def organ_metrics(card, network, test_cases, shared: Path) -> dict:
     metrics = {}
     scores = {name: [] for name in ORGANS.values()}
     for case in test_cases:
-        image, labels = datasets.load_segmentation_case(case, case.label_names)
-        truth = training.relabel_by_name(labels, case.label_names, ORGANS)
+        image, truth = training.load_task_case(case, ORGAN_TASK)
         predicted = predict_labels(image, card, network, device="cpu")
         dice = evaluation.dice_per_label(sitk.GetArrayFromImage(truth), sitk.GetArrayFromImage(predicted), ORGANS)
         for value, name in ORGANS.items():

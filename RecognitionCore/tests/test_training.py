@@ -125,3 +125,8 @@ def test_detector_refuses_a_dataset_without_nodules(tmp_path):
     empty = [datasets.DetectionCase(case.case_id, case.patient_id, case.image_path, ()) for case in cases]
     assert_raises(InputError, training.train_detector, DETECTION, empty[:1], cases[1:], tmp_path / "run", config(),
                   architecture=networks.detector_architecture("tiny"), match="no nodule")
+
+
+def test_lateral_labels_are_never_flipped_left_right():
+    assert 0 not in training.augmentation_settings({1: "kidney_left", 2: "kidney_right"}).flip_axes
+    assert 0 in training.augmentation_settings({1: "liver", 2: "spleen"}).flip_axes
