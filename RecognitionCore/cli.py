@@ -310,7 +310,8 @@ def _training_cases(args):
     else:
         cases = datasets.segmentation_cases(args.images)
     train, validation = datasets.split_by_patient(cases, args.validation_fraction, seed=args.seed)
-    datasets.write_dataset_json(Path(args.output) / "dataset.json", train, validation,
+    # beside the checkpoints, not in the output folder itself: that folder is a catalogue folder (--manifest-dir)
+    datasets.write_dataset_json(Path(args.output) / "training" / "dataset.json", train, validation,
                                 {"task": args.task, "split_seed": args.seed})
     return train, validation
 
@@ -328,7 +329,7 @@ def _start_card(args):
 
 
 def run_train(args) -> int:
-    from . import networks, training
+    from . import models, networks, training
     from .progress import Progress
 
     start = _start_card(args)
@@ -376,6 +377,8 @@ def run_train(args) -> int:
     print(f"validation {metric_name}: starting model {result.start_metric:.3f}, fine-tuned {result.best_metric:.3f} "
           f"(best epoch {result.best_epoch} of {result.epochs_run}{', stopped early' if result.stopped_early else ''})")
     print(f"model card: {Path(args.output) / (card.id + '.json')} (use --manifest-dir {args.output})")
+    if args.export_bundle:
+        print(f"MONAI bundle: {models.export_bundle(card, args.export_bundle)}")
     return 0
 
 
@@ -470,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--title")
     train.add_argument("--licence", default="for research use at the training site")
     train.add_argument("--output", required=True)
+    train.add_argument("--export-bundle", metavar="DIR", help="also write the new model as a MONAI bundle in DIR")
     train.add_argument("--quiet", action="store_true")
     train.set_defaults(run=run_train)
     return parser

@@ -813,3 +813,177 @@ def load_bundle(bundle_dir, device="cpu", overrides: Optional[ModelCard] = None)
     else:
         raise ModelError(f"MONAI bundle {bundle_dir.name} has no weights: expected {checkpoint} or {torchscript}")
     return card, network.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export as a MONAI bundle
+
+
+BUNDLE_VERSION = "0.1.0"
+BUNDLE_AUTHORS = "MedicalImageRecognition"
+
+
+def export_bundle(card: ModelCard, bundle_dir, cache_dir=None) -> Path:
+    """Write ``card`` with its verified weights as a MONAI bundle (model zoo layout) that ``load_bundle`` and
+    ``card_from_bundle`` read back, and that ``python -m monai.bundle run`` runs for segmentation cards."""
+    import torch
+
+    if card.is_bundle or card.architecture is None or card.weights is None:
+        raise ModelError(f"Model '{card.id}' is a MONAI bundle entry, not a network with weights; its bundle folder "
+                         "is already the export")
+    bundle_dir = Path(bundle_dir)
+    preprocessing = _export_preprocessing(card)
+    network = load_network(card, cache_dir=cache_dir)  # checks the SHA-256 and that the weights fit the architecture
+    for folder in ("configs", "models", "docs"):
+        (bundle_dir / folder).mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), bundle_dir / "models" / "model.pt")
+    metadata = _export_metadata(card)
+    inference = _export_inference(card, preprocessing)
+    (bundle_dir / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=4) + "\n")
+    (bundle_dir / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n")
+    (bundle_dir / "LICENSE").write_text(f"{card.licence}\n\nModel '{card.id}' exported by {BUNDLE_AUTHORS}.\n")
+    (bundle_dir / "docs" / "README.md").write_text(_export_readme(card))
+    return bundle_dir
+
+
+def _export_intensity_transforms(card: ModelCard) -> List[Dict[str, Any]]:
+    """The intensity step as MONAI transforms, exactly those ``_bundle_intensity`` parses back."""
+    intensity = card.intensity
+    if intensity["type"] == "window":
+        return [{"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": intensity["hu_min"],
+                 "a_max": intensity["hu_max"], "b_min": intensity["out_min"], "b_max": intensity["out_max"],
+                 "clip": intensity["clip"]}]
+    not_expressible = sorted(key for key in ("hu_min", "hu_max", "mean", "std") if key in intensity)
+    if not_expressible:
+        raise ModelError(f"Model '{card.id}': its z-score intensity with {not_expressible} cannot be written as "
+                         "bundle transforms that read back the same (NormalizeIntensityd [+ ScaleIntensityd])")
+    transforms = [{"_target_": "NormalizeIntensityd", "keys": "image",
+                   "nonzero": bool(intensity.get("nonzero", False))}]
+    if "out_min" in intensity:
+        transforms.append({"_target_": "ScaleIntensityd", "keys": "image", "minv": intensity["out_min"],
+                           "maxv": intensity["out_max"]})
+    return transforms
+
+
+def _export_preprocessing(card: ModelCard) -> Dict[str, Any]:
+    transforms = [{"_target_": "LoadImaged", "keys": "image"},
+                  {"_target_": "EnsureChannelFirstd", "keys": "image"},
+                  {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS",
+                   "labels": [["L", "R"], ["P", "A"], ["I", "S"]]}]  # explicit: MONAI 1.6 warns on the default
+    if card.spacing_mm is not None:  # after Orientationd('RAS') pixdim is x, y, z: ITK spacing order
+        transforms.append({"_target_": "Spacingd", "keys": "image", "pixdim": list(card.spacing_mm),
+                           "mode": "bilinear"})
+    transforms += _export_intensity_transforms(card)
+    transforms.append({"_target_": "EnsureTyped", "keys": "image"})
+    return {"_target_": "Compose", "transforms": transforms}
+
+
+def _export_channels(card: ModelCard) -> Dict[str, str]:
+    channels = {"0": "background"} if card.task == "segmentation" else {}
+    channels.update({str(value): name for value, name in sorted(card.labels.items())})
+    return channels
+
+
+def _export_metadata(card: ModelCard) -> Dict[str, Any]:
+    import numpy
+    import monai
+    import torch
+
+    channels = _export_channels(card)
+    image = {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1, "dtype": "float32",
+             "is_patch_data": card.roi_size is not None, "channel_def": {"0": "image"}}
+    if card.task == "segmentation":
+        out_channels = card.architecture["args"].get("out_channels", max(card.labels) + 1)
+        prediction = {"type": "image", "format": "segmentation", "num_channels": out_channels, "dtype": "float32",
+                      "value_range": [0, 1], "is_patch_data": card.roi_size is not None, "channel_def": channels}
+    else:
+        prediction = {"type": "object", "format": "dict", "num_channels": len(channels), "channel_def": channels}
+    if card.roi_size is not None:
+        image["spatial_shape"] = list(card.roi_size)
+        if card.task == "segmentation":
+            prediction["spatial_shape"] = list(card.roi_size)
+    labels = ", ".join(card.labels.values())
+    return {
+        "schema": "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                  "meta_schema_20220324.json",
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"exported from the MedicalImageRecognition model card '{card.id}'"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": numpy.__version__,
+        "required_packages_version": {},
+        "name": card.title,
+        "task": f"CT {card.task}: {labels}",
+        "description": card.description or card.title,
+        "authors": BUNDLE_AUTHORS,
+        "copyright": f"Copyright (c) {BUNDLE_AUTHORS}; licence: {card.licence}",
+        "license": card.licence,
+        "intended_use": "Research only, not for diagnostic use",
+        "network_data_format": {"inputs": {"image": image}, "outputs": {"pred": prediction}},
+    }
+
+
+def _export_inference(card: ModelCard, preprocessing: Dict[str, Any]) -> Dict[str, Any]:
+    config: Dict[str, Any] = {
+        "bundle_root": ".",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": card.architecture["name"], **card.architecture.get("args", {})},
+        "network": "$@network_def.to(@device)",
+        "preprocessing": preprocessing,
+    }
+    if card.task == "detection":  # boxes need this project's detector around the network: no runnable evaluator
+        if card.roi_size is not None:
+            config["infer_patch_size"] = list(card.roi_size)
+        return config
+    config.update({"imports": ["$import glob"], "output_dir": "$@bundle_root + '/eval'",
+                   "dataset_dir": "$@bundle_root + '/data'",
+                   "datalist": "$list(sorted(glob.glob(@dataset_dir + '/*.nii.gz')))"})
+    if card.roi_size is not None:
+        config["inferer"] = {"_target_": "SlidingWindowInferer", "roi_size": list(card.roi_size),
+                             "sw_batch_size": 1, "overlap": 0.25}
+    else:
+        config["inferer"] = {"_target_": "SimpleInferer"}
+    config.update({
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "postprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+            {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
+             "nearest_interp": False, "to_tensor": True},
+            {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+            {"_target_": "SaveImaged", "keys": "pred", "output_dir": "@output_dir", "output_postfix": "seg",
+             "resample": False, "separate_folder": False}]},
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/model.pt'",
+             "load_dict": {"model": "@network"}},
+            {"_target_": "StatsHandler", "iteration_log": False}],
+        "evaluator": {"_target_": "SupervisedEvaluator", "device": "@device", "val_data_loader": "@dataloader",
+                      "network": "@network", "inferer": "@inferer", "postprocessing": "@postprocessing",
+                      "val_handlers": "@handlers"},
+        "run": ["$@evaluator.run()"],
+    })
+    return config
+
+
+def _export_readme(card: ModelCard) -> str:
+    labels = ", ".join(f"{value} = {name}" for value, name in sorted(card.labels.items()))
+    spacing = list(card.spacing_mm) if card.spacing_mm else "the input image's own"
+    lines = [f"# {card.title}", "",
+             f"MONAI bundle exported by {BUNDLE_AUTHORS} from its model card `{card.id}` ({card.task} in CT).", "",
+             card.description, "",
+             f"- Labels: {labels}" + (" (0 is the background)" if card.task == "segmentation" else ""),
+             f"- Spacing (mm, x y z): {spacing}",
+             f"- Intensity: {json.dumps(card.intensity)}",
+             f"- ROI size (voxels): {list(card.roi_size) if card.roi_size else 'whole image'}",
+             f"- Architecture: `{card.architecture['name']}`; weights: `models/model.pt` (state dict)",
+             f"- Licence: {card.licence}",
+             f"- Source: {card.source or 'not stated'}", "",
+             "## Training", "", "```json", json.dumps(card.training or {}, indent=2), "```", "",
+             "## Metrics", "", "```json", json.dumps(card.metrics or {}, indent=2), "```", "",
+             "Research only, not for diagnostic use."]
+    if card.task == "segmentation":
+        lines += ["", "Run: `python -m monai.bundle run --config_file configs/inference.json "
+                      "--bundle_root . --dataset_dir <folder of .nii.gz>` (needs pytorch-ignite)."]
+    return "\n".join(lines) + "\n"

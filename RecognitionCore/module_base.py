@@ -11,6 +11,7 @@ modules have loaded.
 import importlib
 import importlib.util
 import re
+import shlex
 
 import numpy as np
 import vtk
@@ -20,12 +21,16 @@ from slicer.util import VTKObservationMixin
 
 from . import tests as core_tests
 from .errors import Cancelled, InputError, RecognitionError
+from .models import Catalogue
 from .preprocessing import validate_ct
 from .progress import CancelToken, Progress, as_progress
 from .slicer_module import (ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest,
                             ScriptedLoadableModuleWidget)
 from .testing import assert_raises, ct_like_volume_node, run_test_functions
+from .training_job import TrainingJob, training_arguments
 from .volumes import volume_node_to_sitk
+
+TRAINING_POLL_INTERVAL_MS = 500
 
 # What the modules need beyond Slicer's own Python (which has numpy and SimpleITK); the panel offers to install them.
 PYTHON_REQUIREMENTS = {"torch": "torch>=2.8", "monai": "monai==1.6.1"}
@@ -70,6 +75,8 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode = None
         self._updatingGUIFromParameterNode = False
         self._cancelToken = None
+        self._trainingJob = None
+        self._trainingTimer = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -86,10 +93,27 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.checkInputButton.connect("clicked(bool)", self.onCheckInputButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.setupTraining()
 
         self.initializeParameterNode()
 
+    def setupTraining(self):
+        """The Advanced section: training runs in a subprocess (TrainingJob) that a timer polls, so the
+        application stays responsive for the minutes or hours it takes."""
+        import qt  # the Widget exists only inside the application
+
+        self._trainingTimer = qt.QTimer()
+        self._trainingTimer.setInterval(TRAINING_POLL_INTERVAL_MS)
+        self._trainingTimer.connect("timeout()", self.onTrainingTimer)
+        self.ui.trainTaskComboBox.connect("currentIndexChanged(int)", self.updateTrainingStartModels)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrainButton)
+        self.updateTrainingStartModels()
+
     def cleanup(self):
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()  # no training process outlives the panel
+        if self._trainingTimer is not None:
+            self._trainingTimer.stop()
         self.removeObservers()
 
     def enter(self):
@@ -130,8 +154,10 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.inputSelector.setCurrentNode(inputVolume)
         self.ui.deviceComboBox.setCurrentText(self._parameterNode.GetParameter("Device"))
         self.updateExtraGUIFromParameterNode(self._parameterNode)
-        running = self._cancelToken is not None
+        training = self._trainingJob is not None
+        running = self._cancelToken is not None or training
         self.ui.checkInputButton.enabled = inputVolume is not None and not running
+        self.ui.trainButton.enabled = not running
         self.ui.checkInputButton.toolTip = "Check the input volume." if inputVolume else "Select an input volume."
         self.ui.cancelButton.enabled = running
         self._updatingGUIFromParameterNode = False
@@ -151,9 +177,12 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def updateExtraParameterNodeFromGUI(self, parameterNode):
         """Store the module's own widgets' values (within one parameter node modification); none by default."""
 
-    def onProgress(self, fraction, message):
+    def showProgress(self, fraction, message):
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.progressBar.setFormat(f"{message} (%p%)")
+
+    def onProgress(self, fraction, message):
+        self.showProgress(fraction, message)
         slicer.app.processEvents()  # lets the Cancel button be clicked
 
     def ensurePythonPackages(self) -> bool:
@@ -205,6 +234,51 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
     def onCancelButton(self):
         if self._cancelToken is not None:
             self._cancelToken.cancel()
+        if self._trainingJob is not None:
+            self._trainingJob.cancel()
+            self.finishTraining("Training cancelled; what it had written was removed.")
+
+    def updateTrainingStartModels(self):
+        """The catalogue's models for the chosen task, to fine-tune; "none" trains from scratch."""
+        self.ui.trainStartModelComboBox.clear()
+        self.ui.trainStartModelComboBox.addItems(["none"] + Catalogue().ids(self.ui.trainTaskComboBox.currentText))
+
+    def onTrainButton(self):
+        startModel = self.ui.trainStartModelComboBox.currentText
+        try:
+            arguments = training_arguments(
+                self.ui.trainTaskComboBox.currentText, self.ui.trainDataPathLineEdit.currentPath,
+                self.ui.trainOutputPathLineEdit.currentPath, self.ui.trainModelIdLineEdit.text,
+                start=None if startModel == "none" else startModel, epochs=self.ui.trainEpochsSpinBox.value,
+                device=self._parameterNode.GetParameter("Device"),
+                extra=shlex.split(self.ui.trainExtraArgumentsLineEdit.text))
+            job = TrainingJob(arguments)
+            job.start()
+        except (RecognitionError, ValueError) as error:  # ValueError: unbalanced quotes in the extra options
+            slicer.util.errorDisplay(str(error))
+            return
+        self._trainingJob = job
+        self.showProgress(0.0, "Training started")
+        self.ui.statusTextEdit.setPlainText("Training: " + shlex.join(job.command))
+        self._trainingTimer.start()
+        self.updateGUIFromParameterNode()
+
+    def onTrainingTimer(self):
+        try:
+            report = self._trainingJob.poll()
+            if report is not None:
+                self.showProgress(*report)
+            if self._trainingJob.finished:
+                self.finishTraining(self._trainingJob.result_summary())
+        except RecognitionError as error:
+            self.finishTraining(str(error))
+            slicer.util.errorDisplay(str(error))
+
+    def finishTraining(self, text):
+        self._trainingTimer.stop()
+        self._trainingJob = None
+        self.ui.statusTextEdit.setPlainText(text)
+        self.updateGUIFromParameterNode()
 
 
 class RecognitionModuleLogic(ScriptedLoadableModuleLogic):

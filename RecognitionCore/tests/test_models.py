@@ -16,8 +16,8 @@ import torch
 
 from RecognitionCore.errors import Cancelled, ModelError
 from RecognitionCore.models import (SHIPPED_CATALOGUE, Catalogue, ModelCard, build_architecture, card_from_bundle,
-                                    find_bundle_dir, load_bundle, load_network, resolve_card, resolve_weights,
-                                    sha256_of_file)
+                                    export_bundle, find_bundle_dir, load_bundle, load_network, resolve_card,
+                                    resolve_weights, sha256_of_file)
 from RecognitionCore.progress import CancelToken, Progress
 from RecognitionCore.testing import assert_raises
 
@@ -389,3 +389,104 @@ def test_detection_bundle_without_torchvision_gives_a_clear_error(tmp_path):
                                  "bundle": {"name": "detector", "dir": str(bundle)}, "licence": "Apache-2.0"})
     assert resolve_card(entry).task == "detection"
     assert_raises(ModelError, load_network, entry, match="needs the Python package 'torchvision'")
+
+
+def _saved_card(folder, network, **changes):
+    """A card whose weights are ``network``'s, saved in ``folder``."""
+    sha256 = _save(network.state_dict(), folder / "tiny.pt")
+    return ModelCard.from_dict(_entry(weights={"file": "tiny.pt", "sha256": sha256}, **changes), base_dir=folder)
+
+
+def test_exported_bundle_reads_back_the_same_card_and_network(tmp_path):
+    original = _tiny_network(seed=7)
+    card = _saved_card(tmp_path, original, roi_size=[16, 16, 16], labels={"1": "liver"}, description="tiny test",
+                       training={"data": "2 phantoms"}, metrics={"validation (best)": 0.75})
+    bundle = export_bundle(card, tmp_path / "exported")
+    back = card_from_bundle(bundle)
+    assert (back.task, back.labels, back.spacing_mm, back.roi_size) == ("segmentation", {1: "liver"},
+                                                                        (1.0, 1.0, 2.0), (16, 16, 16))
+    assert back.intensity == card.intensity and back.title == card.title
+    _, network = load_bundle(bundle)
+    image = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(network(image), original(image))
+
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert metadata["version"] == "0.1.0" and metadata["license"] == "Apache-2.0"
+    assert metadata["authors"] == "MedicalImageRecognition"
+    image_format = metadata["network_data_format"]["inputs"]["image"]
+    assert (image_format["type"], image_format["format"], image_format["num_channels"],
+            image_format["spatial_shape"]) == ("image", "hounsfield", 1, [16, 16, 16])
+    assert metadata["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "background", "1": "liver"}
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["network_def"]["_target_"] == UNET
+    assert inference["inferer"] == {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16],
+                                    "sw_batch_size": 1, "overlap": 0.25}
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "2 phantoms" in readme and "0.75" in readme and (bundle / "LICENSE").is_file()
+
+
+def test_exported_zscore_intensity_reads_back(tmp_path):
+    network = _tiny_network()
+    for intensity in ({"type": "zscore", "nonzero": True}, {"type": "zscore", "nonzero": False, "out_min": -1.0,
+                                                             "out_max": 1.0}):
+        card = _saved_card(tmp_path, network, intensity=intensity, spacing_mm=None)
+        bundle = export_bundle(card, tmp_path / f"zscore_{len(intensity)}")
+        back = card_from_bundle(bundle)
+        assert back.intensity == intensity and back.spacing_mm is None and back.roi_size is None
+
+
+def test_exported_detector_reads_back(tmp_path):
+    from RecognitionCore import networks
+
+    architecture = networks.detector_architecture("tiny")
+    torch.manual_seed(0)
+    original = build_architecture(architecture).eval()
+    card = _saved_card(tmp_path, original, task="detection", labels={"0": "nodule"}, architecture=architecture,
+                       roi_size=[32, 32, 16])
+    back, network = load_bundle(export_bundle(card, tmp_path / "detector"))
+    assert (back.task, back.labels, back.roi_size, back.spacing_mm) == ("detection", {0: "nodule"}, (32, 32, 16),
+                                                                        (1.0, 1.0, 2.0))
+    assert type(network) is type(original)
+    assert all(torch.equal(value, original.state_dict()[key]) for key, value in network.state_dict().items())
+
+
+def test_shipped_default_model_exports_as_bundle(tmp_path):
+    card = Catalogue().get("mir_abdomen_organs_unet")
+    back = card_from_bundle(export_bundle(card, tmp_path / "mir_abdomen_organs_unet"))
+    assert back.labels == card.labels and back.spacing_mm == card.spacing_mm and back.roi_size == card.roi_size
+    assert back.intensity == card.intensity
+
+
+def test_export_refuses_what_a_bundle_cannot_hold(tmp_path):
+    entry = ModelCard.from_dict({"id": "spleen", "title": "Spleen", "task": "segmentation",
+                                 "bundle": {"name": "spleen_ct_segmentation"}, "licence": "Apache-2.0"})
+    assert_raises(ModelError, export_bundle, entry, tmp_path / "spleen", match="already the export")
+    fixed_statistics = _saved_card(tmp_path, _tiny_network(), intensity={"type": "zscore", "mean": 40.0, "std": 300.0})
+    assert_raises(ModelError, export_bundle, fixed_statistics, tmp_path / "fixed", match="['mean', 'std']")
+    assert not (tmp_path / "spleen").exists() and not (tmp_path / "fixed").exists()
+
+
+def test_exported_segmentation_config_runs_in_monai(tmp_path):
+    """The inference config's own pieces (dataset, network, inferer, postprocessing) segment a NIfTI and save it."""
+    import nibabel
+    import numpy
+    from monai.bundle import ConfigParser
+
+    card = _saved_card(tmp_path, _tiny_network(seed=2), roi_size=[16, 16, 16])
+    bundle = export_bundle(card, tmp_path / "exported")
+    (bundle / "data").mkdir()
+    ct = numpy.random.default_rng(0).uniform(-200, 300, (20, 18, 12)).astype(numpy.float32)
+    nibabel.save(nibabel.Nifti1Image(ct, numpy.diag([1.5, 1.5, 3.0, 1.0])), str(bundle / "data" / "ct.nii.gz"))
+    parser = ConfigParser()
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"] = str(bundle)
+    item = parser.get_parsed_content("dataset")[0]
+    network = parser.get_parsed_content("network").eval()
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    with torch.no_grad():
+        item["pred"] = parser.get_parsed_content("inferer")(item["image"][None], network)[0]
+    parser.get_parsed_content("postprocessing")(item)
+    saved = nibabel.load(str(bundle / "eval" / "ct_seg.nii.gz"))
+    assert saved.shape[:3] == ct.shape and set(numpy.unique(numpy.asarray(saved.dataobj))) <= {0, 1}
