@@ -17,6 +17,7 @@ import slicer
 import vtk
 
 from .errors import InputError
+from .scene import place_node
 from .volumes import sitk_to_volume_node
 
 # DICOM tags kept with an image read from a series (SimpleITK metadata keys).
@@ -127,11 +128,7 @@ def _place_under_dicom_study(scene, volume_node, info: dict) -> None:
     if not study:
         study = shn.CreateStudyItem(patient, info.get("study_description") or info.get("study_date") or "Study")
         shn.SetItemUID(study, "DICOM", study_uid)
-    series = shn.GetItemByDataNode(volume_node)
-    if series:
-        shn.SetItemParent(series, study)
-    else:  # headless there is no subject hierarchy plugin creating items for new nodes
-        series = shn.CreateItem(study, volume_node)
+    series = place_node(shn, volume_node, study)
     if info.get("series_instance_uid"):
         shn.SetItemUID(series, "DICOM", info["series_instance_uid"])
 

@@ -652,7 +652,7 @@ def add_findings(findings: Sequence[Finding], name: str, parent_item_id: Optiona
                 result.lines.append(add_line(start, end, f"{finding.label} diameter", finding.description,
                                              scene=scene))
         for node in result.nodes:
-            _place_node(hierarchy, node, folder)
+            place_node(hierarchy, node, folder)
     return result
 
 
@@ -762,7 +762,9 @@ def study_item(hierarchy, volume_node) -> Optional[int]:
     return None
 
 
-def _place_node(hierarchy, node, parent_item: int) -> int:
+def place_node(hierarchy, node, parent_item: int) -> int:
+    """Put ``node``'s subject hierarchy item under ``parent_item``, creating the item when there is none (headless,
+    no plugin creates items for new nodes); returns the item."""
     item = hierarchy.GetItemByDataNode(node)
     if not item:
         return hierarchy.CreateItem(parent_item, node)
@@ -802,7 +804,7 @@ def place_under_study(nodes_or_items: Sequence, input_volume_node, folder_name: 
                 item = int(entry)
                 hierarchy.SetItemParent(item, parent)
             else:
-                item = _place_node(hierarchy, entry, parent)
+                item = place_node(hierarchy, entry, parent)
             for node in _data_nodes_under(hierarchy, item):
                 _record_provenance(node, input_volume_node)
     return parent
