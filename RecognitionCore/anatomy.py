@@ -22,7 +22,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
-from .preprocessing import body_mask, replace_padding, validate_ct
+from .preprocessing import body_mask, check_same_grid, replace_padding, validate_ct
 from .progress import Progress, as_progress
 
 TRUNK_STRUCTURES: Tuple[str, ...] = ("body", "soft_tissue", "fat", "bones", "lung_right", "lung_left", "airways")
@@ -144,10 +144,10 @@ def segment_fat_and_soft_tissue(image: sitk.Image, body: sitk.Image, exclude: Se
     marrow are not counted): fat within ``fat_range_hu`` (inclusive), soft tissue above it up to
     ``soft_tissue_max_hu``."""
     validate_ct(image)
-    _check_same_grid(image, body, "body mask")
+    check_same_grid(image, body, "body mask")
     inside = sitk.GetArrayViewFromImage(body) != 0
     for number, mask in enumerate(exclude):
-        _check_same_grid(image, mask, f"excluded mask {number}")
+        check_same_grid(image, mask, f"excluded mask {number}")
         inside = inside & (sitk.GetArrayViewFromImage(mask) == 0)
     fat, soft = _fat_and_soft_tissue(sitk.GetArrayViewFromImage(image), inside, fat_range_hu, soft_tissue_max_hu)
     return _mask_like(fat, image), _mask_like(soft, image)
@@ -206,7 +206,7 @@ def trunk_labelmap(masks: Dict[str, sitk.Image]) -> sitk.Image:
     labels = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
     for value, name in TRUNK_LABELS.items():
         if name in masks:
-            _check_same_grid(reference, masks[name], f"{name} mask")
+            check_same_grid(reference, masks[name], f"{name} mask")
             labels[sitk.GetArrayViewFromImage(masks[name]) != 0] = value
     return _mask_like(labels, reference)
 
@@ -289,7 +289,7 @@ class _Workspace:
 
     def from_input(self, mask: sitk.Image, name: str) -> np.ndarray:
         """A mask on the input grid as a full-resolution boolean array of this workspace."""
-        _check_same_grid(self.input, mask, name)
+        check_same_grid(self.input, mask, name)
         oriented = mask if self.orientation == "LPS" else sitk.DICOMOrient(mask, "LPS")
         return sitk.GetArrayViewFromImage(oriented) != 0
 
@@ -686,13 +686,3 @@ def _mask_like(mask: np.ndarray, reference: sitk.Image) -> sitk.Image:
     result = sitk.GetImageFromArray(mask.view(np.uint8) if mask.dtype == bool else mask.astype(np.uint8, copy=False))
     result.CopyInformation(reference)
     return result
-
-
-def _check_same_grid(image: sitk.Image, other: sitk.Image, name: str) -> None:
-    same = (image.GetSize() == other.GetSize()
-            and np.allclose(image.GetSpacing(), other.GetSpacing(), atol=1e-4)
-            and np.allclose(image.GetOrigin(), other.GetOrigin(), atol=1e-3)
-            and np.allclose(image.GetDirection(), other.GetDirection(), atol=1e-5))
-    if not same:
-        raise InputError(f"the {name} is not on the CT's grid (size {other.GetSize()} vs {image.GetSize()}, or "
-                         "different spacing, origin or direction)")

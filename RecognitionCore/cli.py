@@ -1,12 +1,13 @@
 """Command line: the same logic as the Slicer modules, for batch work on files and DICOM folders.
 
     python -m RecognitionCore.cli prepare [--input CT ...] [--output DIR]   # check + preprocess; .mrb, PNG, JSON
+    python -m RecognitionCore.cli nodules [--input CT ...] [--output DIR]   # NoduleDetect: .mrb, CSVs, PNG
     python -m RecognitionCore.cli phantom --kind chest --output DIR          # a generated CT with its ground truth
     python -m RecognitionCore.cli models                                     # the model catalogue
     python -m RecognitionCore.cli evaluate detection|segmentation|curves ... # FROC/CPM, Dice/HD95, learning curves
     python -m RecognitionCore.cli train segmentation|detection ...           # train or fine-tune; a new model card
 
-Without ``--input``, ``prepare`` runs on a generated chest phantom, so it works with no data and no network.
+Without ``--input``, ``prepare`` and ``nodules`` run on a generated chest phantom, so it works with no data and no network.
 Each case is written to its own files; a failing case is reported and the others go on (exit status 1 if any failed).
 """
 
@@ -181,16 +182,10 @@ def _print_progress(fraction: float, message: str) -> None:
 
 
 def run_prepare(args) -> int:
-    from .io import default_node_name
     from .progress import Progress
 
-    if args.input:
-        cases = [(default_node_name(path), _file_loader(Path(path))) for path in args.input]
-    else:
-        cases = [(f"chest_phantom_{args.phantom_seed}",
-                  _phantom_loader(args.phantom_seed, args.phantom_size, args.phantom_spacing))]
     failures = 0
-    for name, loader in cases:
+    for name, loader in _cases(args):
         try:
             result = prepare_case(loader, name, Path(args.output), args.spacing_mm, args.denoise,
                                   Progress(None if args.quiet else _print_progress))
@@ -206,6 +201,109 @@ def run_prepare(args) -> int:
             print(f"{name}: warning: {warning}")
         for kind, path in result.files.items():
             print(f"{name}: {kind}: {path}")
+    return 1 if failures else 0
+
+
+def module_logic(module_name: str):
+    """A module's Logic class (e.g. ``NoduleDetectLogic``), imported as Slicer imports the module file: its folder
+    on sys.path. The command line runs exactly the code the module's panel runs."""
+    import importlib
+
+    folder = str(Path(__file__).resolve().parents[1] / module_name)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return getattr(importlib.import_module(module_name), f"{module_name}Logic")
+
+
+def series_uid(volume_node, default: str) -> str:
+    """The DICOM series instance UID of a loaded volume (LUNA16's ``seriesuid``), else ``default``."""
+    hierarchy = volume_node.GetScene().GetSubjectHierarchyNode()
+    return hierarchy.GetItemUID(hierarchy.GetItemByDataNode(volume_node), "DICOM") or default
+
+
+def detect_nodules_case(load_input: Callable, name: str, output_dir: Path, args, progress=None) -> dict:
+    """NoduleDetect on one CT in a fresh scene: ``<name>.mrb``, ``<name>_nodules.csv``, ``<name>.png`` (the
+    strongest nodule with the lungs and nodule outlines); returns the files and the LUNA16 rows."""
+    import SimpleITK as sitk
+
+    from . import io, preview, scene
+    from .headless import create_app
+    from .preprocessing import resample_to_reference
+    from .volumes import volume_node_to_sitk
+
+    detection = _nodule_detection_module()
+    app = create_app()
+    input_node, phantom = load_input(app.scene)
+    outputs = module_logic("NoduleDetect")().process(input_node, args.method, args.min_confidence,
+                                                     args.min_diameter_mm, args.device, progress, args.detector,
+                                                     args.manifest_dir or ())
+    if phantom is not None:
+        with scene.NewNodes(app.scene):
+            scene.place_under_study(_add_phantom_truth(scene, phantom, input_node), input_node, "Ground truth")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {"scene": io.save_scene(app.scene, output_dir / f"{name}.mrb"),
+             "findings": scene.write_table_csv(outputs.table, output_dir / f"{name}_nodules.csv")}
+    image = volume_node_to_sitk(input_node)
+    nodules = outputs.result.nodules
+    overlays = {"Lungs": (sitk.Or(outputs.result.lungs.right, outputs.result.lungs.left), (0.2, 0.6, 1.0))}
+    if nodules:
+        union = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        union.CopyInformation(image)
+        for nodule in nodules:
+            union = sitk.Or(union, resample_to_reference(nodule.mask, image, "nearest"))
+        overlays["Nodules"] = (union, (1.0, 0.6, 0.1))
+    title = f"{name}: {len(nodules)} nodule(s)" + (f"; N1 {nodules[0].diameter_mm:.1f} mm "
+                                                     f"{nodules[0].measurement.type}, confidence "
+                                                     f"{nodules[0].confidence:.2f}" if nodules else "")
+    files["preview"] = preview.save_preview_png(image, output_dir / f"{name}.png", overlays=overlays,
+                                                points_lps_mm=[n.center_lps_mm for n in nodules] or None,
+                                                title=title)
+    rows = detection.luna16_rows(outputs.result, series_uid(input_node, name))
+    summary = outputs.summary
+    app.scene.Clear(1)
+    return {"files": files, "luna16_rows": rows, "summary": summary}
+
+
+def _nodule_detection_module():
+    module_logic("NoduleDetect")  # puts the module folder on sys.path
+    from NoduleDetectLib import detection
+
+    return detection
+
+
+def _cases(args) -> list:
+    from .io import default_node_name
+
+    if args.input:
+        return [(default_node_name(path), _file_loader(Path(path))) for path in args.input]
+    return [(f"chest_phantom_{args.phantom_seed}",
+             _phantom_loader(args.phantom_seed, args.phantom_size, args.phantom_spacing))]
+
+
+def run_nodules(args) -> int:
+    import csv
+
+    from .progress import Progress
+
+    output = Path(args.output)
+    failures, luna16 = 0, []
+    for name, loader in _cases(args):
+        try:
+            case = detect_nodules_case(loader, name, output, args, Progress(None if args.quiet else _print_progress))
+        except RecognitionError as error:
+            failures += 1
+            print(f"{name}: FAILED: {error}", file=sys.stderr)
+            continue
+        luna16 += case["luna16_rows"]
+        print(f"{name}: {case['summary']}")
+        for kind, path in case["files"].items():
+            print(f"{name}: {kind}: {path}")
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "detections.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, ["seriesuid", "coordX", "coordY", "coordZ", "probability"])
+        writer.writeheader()
+        writer.writerows(luna16)
+    print(f"LUNA16 detections: {output / 'detections.csv'} ({len(luna16)} rows)")
     return 1 if failures else 0
 
 
@@ -389,6 +487,13 @@ def _label_argument(text: str):
     return int(value), name.strip()
 
 
+def _phantom_arguments(parser) -> None:
+    parser.add_argument("--phantom-seed", type=int, default=0)
+    parser.add_argument("--phantom-size", type=int, nargs=3, default=DEFAULT_PHANTOM_SIZE_IJK, metavar=("I", "J", "K"))
+    parser.add_argument("--phantom-spacing", type=float, nargs=3, default=DEFAULT_PHANTOM_SPACING_MM,
+                        metavar=("X", "Y", "Z"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m RecognitionCore.cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -401,12 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="isotropic spacing of the preprocessed volume in mm (0: keep; default 1.5)")
     prepare.add_argument("--denoise", choices=("median", "gaussian", "curvature_anisotropic", "none"),
                          default="gaussian", help="denoising of the preprocessed volume (default: gaussian)")
-    prepare.add_argument("--phantom-seed", type=int, default=0)
-    prepare.add_argument("--phantom-size", type=int, nargs=3, default=DEFAULT_PHANTOM_SIZE_IJK, metavar=("I", "J", "K"))
-    prepare.add_argument("--phantom-spacing", type=float, nargs=3, default=DEFAULT_PHANTOM_SPACING_MM,
-                         metavar=("X", "Y", "Z"))
+    _phantom_arguments(prepare)
     prepare.add_argument("--quiet", action="store_true", help="no progress lines")
     prepare.set_defaults(run=run_prepare)
+
+    nodules = commands.add_parser("nodules", help="NoduleDetect: find lung nodules; write a .mrb scene, a findings "
+                                                  "CSV and a PNG each, and LUNA16 detections.csv for all")
+    nodules.add_argument("--input", action="append", help="chest CT file or DICOM folder; repeat for batch. "
+                                                          "Default: a generated chest phantom")
+    nodules.add_argument("--output", default="out", help="output folder (default: out)")
+    nodules.add_argument("--method", choices=("classical", "deep", "both"), default="classical")
+    nodules.add_argument("--min-confidence", type=float, default=0.5, help="0..1 (default 0.5; 0 keeps every "
+                                                                           "candidate, for FROC curves)")
+    nodules.add_argument("--min-diameter-mm", type=float, default=3.0)
+    nodules.add_argument("--detector", help="catalogue id of the detection model for --method deep/both")
+    nodules.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
+    nodules.add_argument("--device", default="auto")
+    _phantom_arguments(nodules)
+    nodules.add_argument("--quiet", action="store_true", help="no progress lines")
+    nodules.set_defaults(run=run_nodules)
 
     phantom = commands.add_parser("phantom", help="write a generated CT with its ground truth (NRRD + CSV)")
     phantom.add_argument("--kind", choices=("chest", "abdomen"), default="chest")

@@ -47,6 +47,14 @@ def module_logic_class(owner):
     return getattr(importlib.import_module(owner_class.__module__), f"{module_name}Logic")
 
 
+def module_test_modules(owner) -> list:
+    """The test modules of ``<ModuleName>Lib.tests`` for ``owner``'s module (none while the module has no Lib)."""
+    package_name = re.sub(r"(Widget|Test|Logic)$", "", type(owner).__name__) + "Lib.tests"
+    if importlib.util.find_spec(package_name.split(".")[0]) is None or importlib.util.find_spec(package_name) is None:
+        return []
+    return list(importlib.import_module(package_name).TEST_MODULES)
+
+
 class RecognitionModule(ScriptedLoadableModule):
     """Registration shared by the modules; a module sets its own title and help text."""
 
@@ -212,16 +220,15 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             progressDialog.close()
         return not self.logic.missing_python_packages()
 
-    def onCheckInputButton(self):
+    def runWithProgress(self, work) -> None:
+        """Run ``work(progress)`` with the progress bar and the Cancel button; it returns the text for the status
+        box. A cancel or an error message is shown instead; the buttons are restored in every case."""
         if not self.ensurePythonPackages():
             return
         self._cancelToken = CancelToken()
         self.updateGUIFromParameterNode()
         try:
-            report = self.logic.check_input(self._parameterNode.GetNodeReference("InputVolume"),
-                                            self._parameterNode.GetParameter("Device"),
-                                            Progress(self.onProgress, self._cancelToken))
-            self.ui.statusTextEdit.setPlainText(self.logic.describe_input_check(report))
+            self.ui.statusTextEdit.setPlainText(work(Progress(self.onProgress, self._cancelToken)))
         except Cancelled as error:
             self.ui.statusTextEdit.setPlainText(str(error))
         except RecognitionError as error:
@@ -230,6 +237,13 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         finally:
             self._cancelToken = None
             self.updateGUIFromParameterNode()
+
+    def onCheckInputButton(self):
+        def checkInput(progress):
+            report = self.logic.check_input(self._parameterNode.GetNodeReference("InputVolume"),
+                                            self._parameterNode.GetParameter("Device"), progress)
+            return self.logic.describe_input_check(report)
+        self.runWithProgress(checkInput)
 
     def onCancelButton(self):
         if self._cancelToken is not None:
@@ -354,6 +368,8 @@ class RecognitionModuleTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_shared_core()
         self.setUp()
+        self.test_module()
+        self.setUp()
         self.test_check_input()
 
     def test_shared_core(self):
@@ -361,6 +377,11 @@ class RecognitionModuleTest(ScriptedLoadableModuleTest):
         counts = run_test_functions(core_tests.CORE_TEST_MODULES, log=self.delayDisplay)
         self.assertEqual(counts["failed"], 0, f"{counts['failed']} RecognitionCore tests failed")
         self.assertGreater(counts["passed"], 0)
+
+    def test_module(self):
+        """The module's own tests (``<ModuleName>Lib/tests``, shipped with the module), as pytest runs them."""
+        counts = run_test_functions(module_test_modules(self), log=self.delayDisplay)
+        self.assertEqual(counts["failed"], 0, f"{counts['failed']} module tests failed")
 
     def test_check_input(self):
         logic = module_logic_class(self)()

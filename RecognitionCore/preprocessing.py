@@ -248,7 +248,7 @@ def zscore_normalise(image: sitk.Image, mask: Optional[sitk.Image] = None, outsi
     ``outside_unchanged`` normalises only the voxels inside the mask (MONAI's ``nonzero`` mode)."""
     values = sitk.GetArrayViewFromImage(image)
     if mask is not None:
-        _check_same_grid(image, mask, "mask")
+        check_same_grid(image, mask, "mask")
         inside = sitk.GetArrayViewFromImage(mask) != 0
         if not inside.any():
             raise InputError("the normalisation mask is empty")
@@ -272,7 +272,8 @@ def _check_range(low: float, high: float) -> None:
         raise InputError(f"intensity window maximum must exceed its minimum (got {low:g}..{high:g} HU)")
 
 
-def _check_same_grid(image: sitk.Image, other: sitk.Image, name: str) -> None:
+def check_same_grid(image: sitk.Image, other: sitk.Image, name: str) -> None:
+    """InputError unless ``other`` (e.g. a mask) lies on ``image``'s voxel grid."""
     same = (image.GetSize() == other.GetSize()
             and np.allclose(image.GetSpacing(), other.GetSpacing(), atol=1e-4)
             and np.allclose(image.GetOrigin(), other.GetOrigin(), atol=1e-3)
@@ -363,7 +364,7 @@ def lung_mask_coarse(image: sitk.Image, body: Optional[sitk.Image] = None, thres
     if body is None:
         body = body_mask(image)
     else:
-        _check_same_grid(image, body, "body mask")
+        check_same_grid(image, body, "body mask")
     air = (sitk.GetArrayViewFromImage(image) < threshold_hu) & (sitk.GetArrayViewFromImage(body) != 0)
     labels, sizes = _components_by_size(air)
     for edge in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):

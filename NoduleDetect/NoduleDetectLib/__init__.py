@@ -1,0 +1,1 @@
+"""NoduleDetect's own methods: classical nodule candidates, per-nodule segmentation and measurements."""

@@ -1,0 +1,378 @@
+"""NoduleDetect's pipeline on plain images: lungs -> candidates (classical and/or deep) -> one mask and measurement
+per nodule -> merged, scored findings. No MRML here: the module's Logic writes the result into the scene and the
+command line into files.
+
+Classical path: multi-scale Hessian dot candidates in the lungs (``candidates.py``) with a low threshold, so that
+faint and small nodules are among them; a first random forest on the blob filter's own measures keeps the most
+nodule-like (segmenting every candidate would cost ~0.1 s each); each of those is segmented (``nodules.py``) and
+described by hand-made features (``features.py``) that a second forest turns into a nodule probability (both
+forests: ``classifier.py``, shipped as JSON). Deep path: a detection model of the catalogue (the MONAI model zoo's
+``lung_nodule_ct_detection`` bundle or a model trained with this project) run only inside the lung bounding box;
+each box is segmented by the same region growing. Both: findings closer than their radius are merged, keeping the
+higher confidence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+
+from RecognitionCore.anatomy import LungSegmentation, segment_lungs
+from RecognitionCore.errors import InputError, ModelError
+from RecognitionCore.preprocessing import bounding_box, crop, validate_ct
+from RecognitionCore.progress import Progress, as_progress
+
+from .candidates import Candidate, find_candidates
+from .classifier import ForestModel
+from .features import candidate_features
+from .nodules import NoduleMeasurement, measure_nodule, segment_nodule
+
+METHODS = ("classical", "deep", "both")
+MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+DEFAULT_PREFILTER = MODELS_DIR / "nodule_candidate_prefilter.json"
+DEFAULT_CLASSIFIER = MODELS_DIR / "nodule_candidate_forest.json"
+PREFILTER_FEATURES = ("blob_score", "scale_mm", "line_score", "roundness", "center_hu")
+CANDIDATE_MIN_BLOB_SCORE = 12.0  # a 4 mm ground-glass nodule scores ~15; the filter's own default (20) misses it
+MAX_SEGMENTED_CANDIDATES = 120
+# The model zoo bundle when the user has it (python -m monai.bundle download --name lung_nodule_ct_detection), else
+# the extension's own synthetic detector.
+DEFAULT_DETECTORS = ("lung_nodule_ct_detection", "mir_lung_nodule_retinanet")
+MAX_SEARCH_DIAMETER_MM = 40.0   # Lung-RADS calls > 30 mm a mass; LIDC readers outline some up to ~35 mm
+FEATURE_MARGIN_MM = 5.0         # context around a candidate's mask for the shell and texture features
+LUNG_BOX_MARGIN_MM = 10.0
+MERGE_MIN_RADIUS_MM = 3.0
+
+
+@dataclass
+class DetectedNodule:
+    """One finding: where, how sure, how big, and its mask (a crop of the input grid, see ``segment_nodule``)."""
+
+    center_lps_mm: Tuple[float, float, float]
+    confidence: float
+    methods: Tuple[str, ...]
+    measurement: NoduleMeasurement
+    mask: sitk.Image
+    lung_side: str  # "right", "left" or "" when the nodule lies outside both lung masks
+
+    @property
+    def diameter_mm(self) -> float:
+        return self.measurement.longest_axial_diameter_mm
+
+    def box_lps_mm(self) -> Tuple[Tuple[float, float, float], Tuple[float, float, float]]:
+        """(centre, size) of the axis-aligned box around the mask, in LPS mm."""
+        corners = _mask_corners_lps(self.mask)
+        low, high = corners.min(axis=0), corners.max(axis=0)
+        return tuple((low + high) / 2), tuple(high - low)
+
+
+@dataclass
+class NoduleDetectionResult:
+    """All findings above ``min_confidence``, strongest first, with the lungs they were searched in."""
+
+    nodules: List[DetectedNodule]
+    lungs: LungSegmentation
+    method: str
+    min_confidence: float
+    candidate_count: int
+    seconds: Dict[str, float] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ScoredCandidate:
+    """A candidate with its mask and confidence, before merging (also the classifier's training rows)."""
+
+    center_lps_mm: Tuple[float, float, float]
+    diameter_mm: float
+    confidence: float
+    method: str
+    mask: sitk.Image
+    features: Optional[np.ndarray] = None
+
+
+def lung_mask(lungs: LungSegmentation) -> sitk.Image:
+    """Both lungs as one uint8 mask."""
+    return sitk.Cast((lungs.right != 0) | (lungs.left != 0), sitk.sitkUInt8)
+
+
+@dataclass
+class CandidateClassifier:
+    """The two forests of the classical path: ``prefilter`` on the blob filter's measures (``PREFILTER_FEATURES``),
+    ``forest`` on the features of each segmented candidate (``features.FEATURE_NAMES``)."""
+
+    prefilter: ForestModel
+    forest: ForestModel
+
+    @classmethod
+    def load(cls, prefilter_path=DEFAULT_PREFILTER, forest_path=DEFAULT_CLASSIFIER) -> "CandidateClassifier":
+        return cls(ForestModel.from_json(prefilter_path, PREFILTER_FEATURES), ForestModel.from_json(forest_path))
+
+
+def prefilter_rows(candidates: Sequence[Candidate]) -> np.ndarray:
+    return np.array([[getattr(c, name) for name in PREFILTER_FEATURES] for c in candidates], dtype=np.float32)
+
+
+def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence: float = 0.5,
+                   min_diameter_mm: float = 3.0, device: str = "auto", detector_id: Optional[str] = None,
+                   manifest_dirs: Sequence = (), classifier: Optional[CandidateClassifier] = None,
+                   progress: Optional[Progress] = None) -> NoduleDetectionResult:
+    """Lung nodules of a chest CT in HU (any grid and orientation).
+
+    ``method``: "classical" (no network), "deep" (a detection model of the catalogue: ``detector_id``, default the
+    first of ``DEFAULT_DETECTORS`` that is available; ``manifest_dirs``: folders of user catalogue manifests, e.g. a
+    model trained with ``cli train detection``) or "both". Findings below ``min_confidence`` (0..1) or with a
+    longest axial diameter below ``min_diameter_mm`` are left out; ``min_confidence=0`` keeps every candidate (for
+    FROC curves).
+    """
+    progress = as_progress(progress)
+    if method not in METHODS:
+        raise InputError(f"Unknown detection method {method!r}; choose one of {', '.join(METHODS)}.")
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise InputError(f"The confidence threshold must be within 0..1; got {min_confidence}.")
+    if not 0.0 < float(min_diameter_mm) <= 30.0:
+        raise InputError(f"The minimum nodule diameter must be within 0..30 mm; got {min_diameter_mm} mm.")
+    seconds: Dict[str, float] = {}
+    started = time.perf_counter()
+    report = validate_ct(image)
+    if classifier is None and method != "deep":
+        classifier = CandidateClassifier.load()
+    progress.report(0.0, "Segmenting the lungs")
+    lungs = segment_lungs(image, progress.sub(0.0, 0.2))
+    lungs_mask = lung_mask(lungs)
+    seconds["lungs"] = time.perf_counter() - started
+    scored: List[ScoredCandidate] = []
+    candidate_count = 0
+    if method in ("classical", "both"):
+        started = time.perf_counter()
+        classical = classical_candidates(image, lungs_mask, classifier, min_diameter_mm,
+                                         progress.sub(0.2, 0.6 if method == "both" else 0.9))
+        candidate_count += len(classical)
+        scored += classical
+        seconds["classical"] = time.perf_counter() - started
+    if method in ("deep", "both"):
+        started = time.perf_counter()
+        deep = deep_candidates(image, lungs_mask, detector_id, device,
+                               progress.sub(0.6 if method == "both" else 0.2, 0.9), manifest_dirs)
+        candidate_count += len(deep)
+        scored += deep
+        seconds["deep"] = time.perf_counter() - started
+    progress.report(0.9, "Measuring the nodules")
+    started = time.perf_counter()
+    nodules = [_measured(image, lungs, found, methods) for found, methods in merge_candidates(scored)
+               if found.confidence >= min_confidence]
+    nodules = [nodule for nodule in nodules if nodule.diameter_mm >= min_diameter_mm]
+    seconds["measurements"] = time.perf_counter() - started
+    progress.report(1.0, f"{len(nodules)} nodules found")
+    return NoduleDetectionResult(nodules, lungs, method, float(min_confidence), candidate_count, seconds,
+                                 list(report.warnings) + list(lungs.warnings))
+
+
+def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: CandidateClassifier,
+                         min_diameter_mm: float = 3.0, progress: Optional[Progress] = None) -> List[ScoredCandidate]:
+    """Blob candidates in the lungs; the ``MAX_SEGMENTED_CANDIDATES`` most nodule-like by the prefilter are
+    segmented, described by their features and scored by the forest."""
+    progress = as_progress(progress)
+    candidates = find_candidates(image, lungs_mask, min_diameter_mm=min_diameter_mm,
+                                 max_diameter_mm=MAX_SEARCH_DIAMETER_MM, progress=progress.sub(0.0, 0.4),
+                                 min_blob_score=CANDIDATE_MIN_BLOB_SCORE)
+    if len(candidates) > MAX_SEGMENTED_CANDIDATES:
+        likelihood = classifier.prefilter.predict_proba(prefilter_rows(candidates))
+        candidates = [candidates[i] for i in np.argsort(-likelihood, kind="stable")[:MAX_SEGMENTED_CANDIDATES]]
+    scored = describe_candidates(image, lungs_mask, candidates, progress.sub(0.4, 0.95))
+    if scored:
+        probabilities = classifier.forest.predict_proba(np.stack([row.features for row in scored]))
+        for row, probability in zip(scored, probabilities):
+            row.confidence = float(probability)
+    progress.report(1.0, f"{len(scored)} candidates scored")
+    return scored
+
+
+def describe_candidates(image: sitk.Image, lungs_mask: sitk.Image, candidates: Sequence[Candidate],
+                        progress: Optional[Progress] = None) -> List[ScoredCandidate]:
+    """Each candidate segmented and described by its features (unscored: confidence 0)."""
+    progress = as_progress(progress)
+    scored = []
+    for number, candidate in enumerate(candidates):
+        if number % 10 == 0:
+            progress.report(number / max(1, len(candidates)), f"Describing candidate {number + 1} of {len(candidates)}")
+        mask = segment_nodule(image, candidate.center_lps_mm, _hint_mm(candidate.diameter_mm), lungs_mask)
+        scored.append(ScoredCandidate(candidate.center_lps_mm, candidate.diameter_mm, 0.0, "classical", mask,
+                                      _features(image, mask, candidate)))
+    return scored
+
+
+def deep_candidates(image: sitk.Image, lungs_mask: sitk.Image, detector_id: Optional[str] = None,
+                    device: str = "auto", progress: Optional[Progress] = None, manifest_dirs: Sequence = ()
+                    ) -> List[ScoredCandidate]:
+    """Boxes of a catalogue detection model inside the lung bounding box, each segmented by region growing."""
+    from RecognitionCore.predict import predict_nodules
+
+    progress = as_progress(progress)
+    card, network = load_detector(detector_id, manifest_dirs)
+    box = bounding_box(lungs_mask, LUNG_BOX_MARGIN_MM)
+    detections = predict_nodules(crop(image, box), card, network, device=device, progress=progress.sub(0.0, 0.8))
+    lungs = sitk.GetArrayViewFromImage(lungs_mask)
+    scored = []
+    for center, diameter, score in detections:
+        index = lungs_mask.TransformPhysicalPointToIndex(center)
+        if not lungs[index[::-1]]:
+            continue  # the window reaches outside the lungs; a finding there is not a lung nodule
+        mask = segment_nodule(image, center, _hint_mm(diameter), lungs_mask)
+        scored.append(ScoredCandidate(tuple(center), float(diameter), float(score), "deep", mask))
+    progress.report(1.0, f"{len(scored)} boxes in the lungs")
+    return scored
+
+
+def load_detector(detector_id: Optional[str] = None, manifest_dirs: Sequence = ()):
+    """(card, network) of the detection model to use: ``detector_id``, or the first of ``DEFAULT_DETECTORS`` that
+    is installed. A clear error when none is."""
+    from RecognitionCore.models import Catalogue, load_network, resolve_card
+
+    catalogue = Catalogue.with_user_manifests(manifest_dirs)
+    available = catalogue.ids("detection")
+    if detector_id and detector_id not in available:
+        raise ModelError(f"No detection model '{detector_id}' in the catalogue; available: "
+                         f"{', '.join(available) or 'none'}.")
+    errors = []
+    for model_id in [detector_id] if detector_id else [m for m in DEFAULT_DETECTORS if m in available]:
+        try:
+            card = resolve_card(catalogue.get(model_id))
+            return card, load_network(card, device="cpu", offline=detector_id is None)
+        except ModelError as error:
+            errors.append(str(error))
+    raise ModelError("No nodule detection model is available for the deep method. " + " ".join(errors) +
+                     " Use the classical method, or download the MONAI model zoo's lung_nodule_ct_detection bundle "
+                     "(python -m monai.bundle download --name lung_nodule_ct_detection).")
+
+
+def merge_candidates(scored: Sequence[ScoredCandidate]) -> List[Tuple[ScoredCandidate, Tuple[str, ...]]]:
+    """Non-maximum suppression across methods: from the most confident down, a candidate whose centre lies within
+    the radius of a kept one (or the kept one's within its radius) is merged into it; returns (kept, methods)."""
+    kept: List[Tuple[ScoredCandidate, set]] = []
+    for candidate in sorted(scored, key=lambda row: -row.confidence):
+        if not sitk.GetArrayViewFromImage(candidate.mask).any():
+            continue  # nothing brighter than the lung at the centre
+        center = np.asarray(candidate.center_lps_mm)
+        for other, methods in kept:
+            radius = max(candidate.diameter_mm, other.diameter_mm, 2 * MERGE_MIN_RADIUS_MM) / 2
+            if np.linalg.norm(center - np.asarray(other.center_lps_mm)) < radius:
+                methods.add(candidate.method)
+                break
+        else:
+            kept.append((candidate, {candidate.method}))
+    return [(candidate, tuple(sorted(methods))) for candidate, methods in kept]
+
+
+def _hint_mm(diameter_mm: float) -> float:
+    return float(np.clip(diameter_mm, 2.0, MAX_SEARCH_DIAMETER_MM))
+
+
+def feature_patch(image: sitk.Image, mask: sitk.Image, margin_mm: float = FEATURE_MARGIN_MM
+                  ) -> Tuple[np.ndarray, np.ndarray]:
+    """The HU patch around a mask (a crop of the image grid) with ``margin_mm`` of context, and the mask on it;
+    (k, j, i) arrays."""
+    spacing = np.array(image.GetSpacing())
+    margin = np.ceil(margin_mm / spacing).astype(int)
+    start = np.array(image.TransformPhysicalPointToIndex(mask.GetOrigin()))
+    low = np.maximum(start - margin, 0)
+    high = np.minimum(start + np.array(mask.GetSize()) + margin, image.GetSize())
+    patch = sitk.GetArrayFromImage(sitk.RegionOfInterest(image, [int(v) for v in high - low],
+                                                         [int(v) for v in low])).astype(np.float32)
+    on_patch = np.zeros(patch.shape, dtype=bool)
+    offset = (start - low)[::-1]
+    size = np.array(mask.GetSize())[::-1]
+    on_patch[tuple(slice(o, o + s) for o, s in zip(offset, size))] = sitk.GetArrayViewFromImage(mask) != 0
+    return patch, on_patch
+
+
+def _features(image: sitk.Image, mask: sitk.Image, candidate: Candidate) -> np.ndarray:
+    patch, on_patch = feature_patch(image, mask)
+    return candidate_features(patch, on_patch, image.GetSpacing(), blob_score=candidate.blob_score,
+                              scale_mm=candidate.scale_mm)
+
+
+def _measured(image: sitk.Image, lungs: LungSegmentation, found: ScoredCandidate, methods: Tuple[str, ...]
+              ) -> DetectedNodule:
+    measurement = measure_nodule(image, found.mask)
+    return DetectedNodule(measurement.center_lps_mm, found.confidence, methods, measurement, found.mask,
+                          _lung_side(lungs, found.mask))
+
+
+def _lung_side(lungs: LungSegmentation, mask: sitk.Image) -> str:
+    """The lung holding most of the nodule's voxels."""
+    counts = {}
+    for side, lung in (("right", lungs.right), ("left", lungs.left)):
+        start = lung.TransformPhysicalPointToIndex(mask.GetOrigin())
+        region = sitk.RegionOfInterest(lung, mask.GetSize(), start)
+        counts[side] = int(np.count_nonzero(sitk.GetArrayViewFromImage(region)[sitk.GetArrayViewFromImage(mask) != 0]))
+    side = max(counts, key=counts.get)
+    return side if counts[side] else ""
+
+
+def _mask_corners_lps(mask: sitk.Image) -> np.ndarray:
+    """The 8 corners (voxel edges) of the mask's non-zero extent, in LPS mm."""
+    nonzero = np.argwhere(sitk.GetArrayViewFromImage(mask) != 0)[:, ::-1]  # i, j, k
+    low, high = nonzero.min(axis=0) - 0.5, nonzero.max(axis=0) + 0.5
+    corners = [(x, y, z) for x in (low[0], high[0]) for y in (low[1], high[1]) for z in (low[2], high[2])]
+    return np.array([mask.TransformContinuousIndexToPhysicalPoint([float(v) for v in corner]) for corner in corners])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Report: what the table, the CSV and the LUNA16 file say about each finding
+
+FINDING_COLUMNS = ("nodule", "confidence", "method", "lung", "type", "longest_axial_diameter_mm",
+                   "mean_axial_diameter_mm", "longest_diameter_3d_mm", "volume_mm3", "mean_hu", "solid_fraction",
+                   "lung_rads_size_band", "center_r_mm", "center_a_mm", "center_s_mm")
+FINDING_UNITS = {"confidence": "", "longest_axial_diameter_mm": "mm", "mean_axial_diameter_mm": "mm",
+                 "longest_diameter_3d_mm": "mm", "volume_mm3": "mm3", "mean_hu": "HU", "solid_fraction": "",
+                 "center_r_mm": "mm", "center_a_mm": "mm", "center_s_mm": "mm"}
+
+
+def nodule_label(number: int) -> str:
+    return f"N{number + 1}"
+
+
+def finding_rows(result: NoduleDetectionResult) -> List[dict]:
+    """One row per nodule (strongest first) for the results table and the CSV. Centres in RAS, as Slicer shows them."""
+    rows = []
+    for number, nodule in enumerate(result.nodules):
+        m = nodule.measurement
+        x, y, z = nodule.center_lps_mm
+        rows.append({"nodule": nodule_label(number), "confidence": round(nodule.confidence, 3),
+                     "method": "+".join(nodule.methods), "lung": nodule.lung_side, "type": m.type,
+                     "longest_axial_diameter_mm": round(m.longest_axial_diameter_mm, 1),
+                     "mean_axial_diameter_mm": round(m.mean_axial_diameter_mm, 1),
+                     "longest_diameter_3d_mm": round(m.longest_diameter_3d_mm, 1),
+                     "volume_mm3": round(m.volume_mm3, 1), "mean_hu": round(m.mean_hu, 0),
+                     "solid_fraction": round(m.solid_fraction, 2),
+                     "lung_rads_size_band": m.lung_rads_size_category,
+                     "center_r_mm": round(-x, 1), "center_a_mm": round(-y, 1), "center_s_mm": round(z, 1)})
+    return rows
+
+
+def finding_description(row: dict) -> str:
+    """The one-line description a point's label carries in the views."""
+    side = f", {row['lung']} lung" if row["lung"] else ""
+    return (f"{row['nodule']}: {row['longest_axial_diameter_mm']:.1f} mm {row['type']} nodule{side}, "
+            f"confidence {row['confidence']:.2f}, Lung-RADS size band {row['lung_rads_size_band']} (size only, "
+            "not a diagnosis)")
+
+
+def luna16_rows(result: NoduleDetectionResult, seriesuid: str) -> List[dict]:
+    """LUNA16 submission rows: seriesuid, coordX/Y/Z (LPS mm), probability."""
+    return [{"seriesuid": seriesuid, "coordX": round(n.center_lps_mm[0], 2), "coordY": round(n.center_lps_mm[1], 2),
+             "coordZ": round(n.center_lps_mm[2], 2), "probability": round(n.confidence, 4)} for n in result.nodules]
+
+
+def mask_on_grid(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    """A nodule's cropped mask pasted into a (k, j, i) bool array of the reference grid it was cropped from."""
+    start = np.array(reference.TransformPhysicalPointToIndex(mask.GetOrigin()))[::-1]
+    full = np.zeros(reference.GetSize()[::-1], dtype=bool)
+    crop_array = sitk.GetArrayViewFromImage(mask) != 0
+    full[tuple(slice(s, s + n) for s, n in zip(start, crop_array.shape))] = crop_array
+    return full

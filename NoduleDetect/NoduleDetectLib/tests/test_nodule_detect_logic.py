@@ -1,0 +1,139 @@
+"""NoduleDetectLogic on a real MRML scene: findings, segments and table from a chest phantom; bad input and cancel
+leave the scene and the input as they were."""
+
+import functools
+import hashlib
+
+import numpy as np
+import SimpleITK as sitk
+
+import slicer
+
+from NoduleDetectLib import detection
+from RecognitionCore.errors import Cancelled, InputError, ModelError
+from RecognitionCore.phantoms import NoduleSpec, make_abdomen_ct, make_chest_ct
+from RecognitionCore.progress import CancelToken, Progress
+from RecognitionCore.testing import assert_raises
+from RecognitionCore.volumes import sitk_to_volume_node
+
+SOLID_MM, GROUND_GLASS_MM = 12.0, 14.0
+
+
+@functools.lru_cache(maxsize=1)
+def chest_phantom():
+    """Two clear isolated nodules, one solid and one ground glass, on a small chest grid."""
+    return make_chest_ct((192, 192, 72), (1.6, 1.6, 3.0), seed=11, nodules=[
+        NoduleSpec(SOLID_MM, "solid", "isolated"), NoduleSpec(GROUND_GLASS_MM, "ground-glass", "isolated")])
+
+
+def _logic():
+    import NoduleDetect
+    return NoduleDetect.NoduleDetectLogic()
+
+
+def _fingerprint(node) -> str:
+    return hashlib.sha256(slicer.util.arrayFromVolume(node).tobytes()).hexdigest()
+
+
+def test_finds_both_phantom_nodules_and_writes_them_to_the_scene(app):
+    phantom = chest_phantom()
+    volume = sitk_to_volume_node(phantom.image, "Chest", scene=app.scene)
+    before = _fingerprint(volume)
+    outputs = _logic().process(volume, "classical", 0.5, 3.0, "cpu")
+    rows = detection.finding_rows(outputs.result)
+    assert _fingerprint(volume) == before  # the input is untouched
+    truth = {nodule.type: np.asarray(nodule.center_lps_mm) for nodule in phantom.nodules}
+    found_types = {}
+    for nodule, row in zip(outputs.result.nodules, rows):
+        for kind, center in truth.items():
+            if np.linalg.norm(np.asarray(nodule.center_lps_mm) - center) < 5.0:
+                found_types[kind] = (nodule, row)
+    assert set(found_types) == {"solid", "ground-glass"}, rows
+    solid, solid_row = found_types["solid"]
+    assert abs(solid.measurement.longest_axial_diameter_mm - SOLID_MM) < 3.0, solid_row
+    assert solid_row["type"] == "solid" and found_types["ground-glass"][1]["type"] == "ground-glass"
+    for nodule, row in found_types.values():  # LPS: the patient's right is -x
+        assert row["lung"] == ("right" if nodule.center_lps_mm[0] < 0 else "left"), row
+    assert len(rows) <= 4, rows  # at most two false positives on this phantom
+
+    points = outputs.findings.points
+    assert points.GetNumberOfControlPoints() == len(rows)
+    assert [points.GetNthControlPointLabel(n) for n in range(len(rows))] == [r["nodule"] for r in rows]
+    assert "Lung-RADS size band" in points.GetNthControlPointDescription(0)
+    assert len(outputs.findings.rois) == len(rows)
+    segments = outputs.segmentation.GetSegmentation()
+    names = [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())]
+    assert names[:2] == ["Right lung", "Left lung"] and names[2:] == [r["nodule"] for r in rows]
+    assert outputs.table.GetNumberOfRows() == len(rows)
+    assert outputs.table.GetTable().GetColumnByName("volume_mm3") is not None
+    hierarchy = app.scene.GetSubjectHierarchyNode()
+    folder = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs.table))
+    assert hierarchy.GetItemName(folder) == "Nodules"
+
+
+def test_errors_and_cancel_leave_no_nodes_and_the_input_untouched(app):
+    volume = sitk_to_volume_node(chest_phantom().image, "Chest", scene=app.scene)
+    abdomen = sitk_to_volume_node(make_abdomen_ct((64, 64, 24), (4.0, 4.0, 5.0), seed=1).image, "Abdomen",
+                                  scene=app.scene)
+    mr_like = sitk.Cast(sitk.RescaleIntensity(chest_phantom().image, 0, 800), sitk.sitkInt16)
+    mr = sitk_to_volume_node(mr_like, "MR", scene=app.scene)
+    before, count = _fingerprint(volume), app.scene.GetNumberOfNodes()
+    logic = _logic()
+    token = CancelToken()
+    token.cancel()
+    assert_raises(Cancelled, logic.process, volume, "classical", 0.5, 3.0, "cpu", Progress(cancel_token=token))
+    assert_raises(InputError, logic.process, volume, "nonsense", match="method")
+    assert_raises(InputError, logic.process, volume, "classical", 1.5, match="confidence")
+    assert_raises(ModelError, logic.process, volume, "deep", 0.5, 3.0, "cpu", detectorId="no_such_model",
+                  match="no_such_model")
+    assert_raises(InputError, logic.process, abdomen, match="lung")
+    assert_raises(InputError, logic.process, mr, match="MR")
+    assert_raises(InputError, logic.process, None, match="No input volume")
+    assert app.scene.GetNumberOfNodes() == count
+    assert _fingerprint(volume) == before
+
+
+def test_merge_keeps_the_most_confident_of_overlapping_findings():
+    mask = sitk.Image([4, 4, 4], sitk.sitkUInt8)
+    mask[1, 1, 1] = 1
+
+    def candidate(center, diameter, confidence, method):
+        return detection.ScoredCandidate(center, diameter, confidence, method, mask)
+
+    merged = detection.merge_candidates([candidate((0, 0, 0), 10.0, 0.6, "classical"),
+                                         candidate((3, 0, 0), 8.0, 0.9, "deep"),
+                                         candidate((20, 0, 0), 8.0, 0.7, "classical")])
+    assert [(kept.confidence, methods) for kept, methods in merged] == [(0.9, ("classical", "deep")),
+                                                                        (0.7, ("classical",))]
+
+
+def test_deep_method_runs_a_user_catalogue_detector_inside_the_lungs(app, tmp_path):
+    """The deep path end to end with an untrained tiny detector from a user manifest (every box kept): it runs
+    inside the lung box, drops boxes outside the lungs, and its findings are written like the classical ones.
+    Detection accuracy is measured by dev/evaluate_nodule_detection.py, not here."""
+    import torch
+
+    from RecognitionCore import networks
+    from RecognitionCore.models import ModelCard, add_to_manifest, sha256_of_file
+
+    torch.manual_seed(0)
+    network = networks.NoduleDetector.build({"config": "tiny", "score_thresh": 0.0})
+    torch.save(network.state_dict(), tmp_path / "tiny.pt")
+    card = ModelCard.from_dict({
+        "id": "tiny_test_detector", "title": "tiny", "task": "detection", "labels": {"0": "nodule"},
+        "spacing_mm": [3.0, 3.0, 3.0], "intensity": {"type": "window", "hu_min": -1024, "hu_max": 300},
+        "roi_size": [32, 32, 16], "architecture": network.architecture(), "licence": "Apache-2.0",
+        "weights": {"file": "tiny.pt", "sha256": sha256_of_file(tmp_path / "tiny.pt")}}, base_dir=tmp_path)
+    add_to_manifest(tmp_path / "tiny.json", card)
+    image = chest_phantom().image
+    outputs = _logic().process(sitk_to_volume_node(image, "Chest", scene=app.scene), "deep", 0.0, 3.0, "cpu",
+                               detectorId="tiny_test_detector", manifestDirs=[tmp_path])
+    assert outputs.result.candidate_count > 0
+    for nodule in outputs.result.nodules:
+        assert nodule.methods == ("deep",) and nodule.lung_side in ("right", "left")
+    assert outputs.table.GetNumberOfRows() == len(outputs.result.nodules)
+    lungs = detection.lung_mask(outputs.result.lungs)
+    boxes_in_lungs = detection.deep_candidates(image, lungs, "tiny_test_detector", "cpu", manifest_dirs=[tmp_path])
+    assert all(lungs[lungs.TransformPhysicalPointToIndex(row.center_lps_mm)] for row in boxes_in_lungs)
+    assert len(boxes_in_lungs) == outputs.result.candidate_count
+    assert_raises(ModelError, detection.load_detector, "no_such_model", [tmp_path], match="tiny_test_detector")

@@ -1,0 +1,106 @@
+"""NoduleDetect benchmark: end-to-end time and peak RSS of the default (classical) pipeline on LIDC-IDRI-0001 and on a
+512 x 512 x 300 resampled copy, and the deep detector inside the lung box against plain MONAI sliding-window
+inference of the same network over the whole volume, in one run.
+
+    .venv/bin/python bench/nodule_detection.py [--ct PATH] [--skip-deep]
+
+Each measurement runs in its own process so that its peak RSS is its own. Goals (2 CPU cores): <= 30 s end to end,
+peak RSS <= 3 GB, deep detector >= 5x faster than plain MONAI over the whole volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "NoduleDetect")]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load(ct: str, slices: int):
+    import SimpleITK as sitk
+
+    from RecognitionCore.io import read_image
+    from RecognitionCore.preprocessing import resample_to_reference
+
+    image = read_image(ct)
+    if slices and slices != image.GetSize()[2]:
+        spacing = list(image.GetSpacing())
+        spacing[2] *= image.GetSize()[2] / slices
+        reference = sitk.Image([image.GetSize()[0], image.GetSize()[1], slices], image.GetPixelID())
+        reference.SetSpacing(spacing)
+        reference.SetOrigin(image.GetOrigin())
+        reference.SetDirection(image.GetDirection())
+        image = sitk.Cast(resample_to_reference(image, reference, "linear"), sitk.sitkInt16)
+    return image
+
+
+def child(ct: str, slices: int, what: str) -> dict:
+    """One measurement in this process: 'pipeline', 'deep_lung_box' or 'deep_whole_volume'."""
+    from NoduleDetectLib import detection
+    from RecognitionCore.predict import predict_nodules
+
+    image = load(ct, slices)
+    before = peak_rss_mb()
+    started = time.perf_counter()
+    if what == "pipeline":
+        result = detection.detect_nodules(image, "classical", min_confidence=0.5)
+        found = len(result.nodules)
+        steps = {k: round(v, 1) for k, v in result.seconds.items()}
+    else:
+        card, network = detection.load_detector()
+        if what == "deep_lung_box":
+            lungs = detection.lung_mask(detection.segment_lungs(image))
+            found = len(detection.deep_candidates(image, lungs, card.id, "cpu"))
+        else:
+            found = len(predict_nodules(image, card, network, device="cpu"))
+        steps = {"model": card.id}
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb()),
+            "rss_before_mb": round(before), "found": found, "steps": steps, "size": list(image.GetSize())}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ct", default=str(REPO.parent / "shared" / "data" / "lidc" / "LIDC-IDRI-0001"))
+    parser.add_argument("--skip-deep", action="store_true")
+    parser.add_argument("--child", nargs=2, metavar=("SLICES", "WHAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.ct, int(args.child[0]), args.child[1])))
+        return 0
+    runs = [(0, "pipeline"), (300, "pipeline")]
+    if not args.skip_deep:
+        runs += [(0, "deep_lung_box"), (0, "deep_whole_volume")]
+    rows = []
+    for slices, what in runs:
+        output = subprocess.run([sys.executable, __file__, "--ct", args.ct, "--child", str(slices), what],
+                                capture_output=True, text=True)
+        if output.returncode:
+            rows.append((what, slices, f"failed: {output.stderr.strip().splitlines()[-1]}"))
+            continue
+        rows.append((what, slices, json.loads(output.stdout.strip().splitlines()[-1])))
+    print(f"{'measurement':<20} {'volume':<16} {'seconds':>8} {'peak RSS MB':>12} {'found':>6}  steps")
+    for what, slices, result in rows:
+        if isinstance(result, str):
+            print(f"{what:<20} {slices or 'original':<16} {result}")
+            continue
+        size = "x".join(map(str, result["size"]))
+        print(f"{what:<20} {size:<16} {result['seconds']:>8} {result['peak_rss_mb']:>12} {result['found']:>6}  "
+              f"{result['steps']}")
+    deep = {what: result for what, _, result in rows if what.startswith("deep") and not isinstance(result, str)}
+    if len(deep) == 2:
+        print(f"deep detector, lung box vs whole volume: {deep['deep_whole_volume']['seconds'] / deep['deep_lung_box']['seconds']:.1f}x faster")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
