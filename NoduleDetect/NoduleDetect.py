@@ -157,7 +157,7 @@ class NoduleDetectLogic(module_base.RecognitionModuleLogic):
         lungs[detection.mask_on_grid(result.lungs.right, image)] = 1
         lungs[detection.mask_on_grid(result.lungs.left, image)] = 2
         segmentation = scene.add_segmentation_from_labelmap(lungs, inputVolume, {1: "lung_right", 2: "lung_left"},
-                                                            f"{name} nodules", show_3d=True)
+                                                            f"{name} lungs and nodules", show_3d=True)
         for row, nodule in zip(rows, result.nodules):
             scene.add_segment_from_mask(segmentation, detection.mask_on_grid(nodule.mask, image), inputVolume,
                                         scene.SegmentSpec.for_structure("lung_nodule", name=row["nodule"]))
@@ -166,7 +166,7 @@ class NoduleDetectLogic(module_base.RecognitionModuleLogic):
                            box_size_mm=nodule.box_lps_mm()[1]) for row, nodule in zip(rows, result.nodules)],
             f"{name} nodules")
         table = scene.add_table(rows or {column: [] for column in detection.FINDING_COLUMNS},
-                                f"{name} nodules table", units=detection.FINDING_UNITS)
+                                f"{name} nodule table", units=detection.FINDING_UNITS)
         scene.place_under_study([findings.folder_item_id, segmentation, table], inputVolume, "Nodules")
         summary = (f"{len(rows)} nodule(s) at confidence >= {result.min_confidence:.2f} ({result.method} method, "
                    f"{result.candidate_count} candidates); lungs {result.lungs.right_volume_ml:.0f} mL right, "

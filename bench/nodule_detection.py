@@ -44,6 +44,26 @@ def load(ct: str, slices: int):
     return image
 
 
+def detector():
+    """The installed default detector, else the shipped architecture untrained (speed does not depend on the
+    weights; the number of boxes found then means nothing)."""
+    from NoduleDetectLib import detection
+    from RecognitionCore.errors import ModelError
+    from RecognitionCore.models import ModelCard
+    from RecognitionCore.networks import NoduleDetector
+
+    try:
+        return detection.load_detector()
+    except ModelError:
+        network = NoduleDetector.build("small").eval()
+        card = ModelCard.from_dict({"id": "untrained small detector", "title": "untrained", "task": "detection",
+                                    "labels": {"0": "nodule"}, "spacing_mm": [1.4, 1.4, 2.0],
+                                    "intensity": {"type": "window", "hu_min": -1024, "hu_max": 300},
+                                    "roi_size": [96, 96, 64], "licence": "Apache-2.0",
+                                    "architecture": network.architecture(), "weights": {"file": "none.pt"}})
+        return card, network
+
+
 def child(ct: str, slices: int, what: str) -> dict:
     """One measurement in this process: 'pipeline', 'deep_lung_box' or 'deep_whole_volume'."""
     from NoduleDetectLib import detection
@@ -57,10 +77,10 @@ def child(ct: str, slices: int, what: str) -> dict:
         found = len(result.nodules)
         steps = {k: round(v, 1) for k, v in result.seconds.items()}
     else:
-        card, network = detection.load_detector()
+        card, network = detector()
         if what == "deep_lung_box":
             lungs = detection.lung_mask(detection.segment_lungs(image))
-            found = len(detection.deep_candidates(image, lungs, card.id, "cpu"))
+            found = len(detection.deep_candidates(image, lungs, card, network, "cpu"))
         else:
             found = len(predict_nodules(image, card, network, device="cpu"))
         steps = {"model": card.id}

@@ -156,8 +156,9 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
         seconds["classical"] = time.perf_counter() - started
     if method in ("deep", "both"):
         started = time.perf_counter()
-        deep = deep_candidates(image, lungs_mask, detector_id, device,
-                               progress.sub(0.6 if method == "both" else 0.2, 0.9), manifest_dirs)
+        card, network = load_detector(detector_id, manifest_dirs)
+        deep = deep_candidates(image, lungs_mask, card, network, device,
+                               progress.sub(0.6 if method == "both" else 0.2, 0.9))
         candidate_count += len(deep)
         scored += deep
         seconds["deep"] = time.perf_counter() - started
@@ -206,14 +207,13 @@ def describe_candidates(image: sitk.Image, lungs_mask: sitk.Image, candidates: S
     return scored
 
 
-def deep_candidates(image: sitk.Image, lungs_mask: sitk.Image, detector_id: Optional[str] = None,
-                    device: str = "auto", progress: Optional[Progress] = None, manifest_dirs: Sequence = ()
-                    ) -> List[ScoredCandidate]:
-    """Boxes of a catalogue detection model inside the lung bounding box, each segmented by region growing."""
+def deep_candidates(image: sitk.Image, lungs_mask: sitk.Image, card, network, device: str = "auto",
+                    progress: Optional[Progress] = None) -> List[ScoredCandidate]:
+    """Boxes of a detection model (``load_detector``) inside the lung bounding box, each segmented by region
+    growing."""
     from RecognitionCore.predict import predict_nodules
 
     progress = as_progress(progress)
-    card, network = load_detector(detector_id, manifest_dirs)
     box = bounding_box(lungs_mask, LUNG_BOX_MARGIN_MM)
     detections = predict_nodules(crop(image, box), card, network, device=device, progress=progress.sub(0.0, 0.8))
     lungs = sitk.GetArrayViewFromImage(lungs_mask)

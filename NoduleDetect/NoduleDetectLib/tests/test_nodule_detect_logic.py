@@ -133,7 +133,21 @@ def test_deep_method_runs_a_user_catalogue_detector_inside_the_lungs(app, tmp_pa
         assert nodule.methods == ("deep",) and nodule.lung_side in ("right", "left")
     assert outputs.table.GetNumberOfRows() == len(outputs.result.nodules)
     lungs = detection.lung_mask(outputs.result.lungs)
-    boxes_in_lungs = detection.deep_candidates(image, lungs, "tiny_test_detector", "cpu", manifest_dirs=[tmp_path])
+    boxes_in_lungs = detection.deep_candidates(image, lungs, *detection.load_detector("tiny_test_detector", [tmp_path]),
+                                               device="cpu")
     assert all(lungs[lungs.TransformPhysicalPointToIndex(row.center_lps_mm)] for row in boxes_in_lungs)
     assert len(boxes_in_lungs) == outputs.result.candidate_count
     assert_raises(ModelError, detection.load_detector, "no_such_model", [tmp_path], match="tiny_test_detector")
+
+
+def test_a_ct_with_only_the_lung_bases_runs_and_says_what_it_saw(app, shared_data):
+    """The TotalSegmentator example shows only the lung bases: detection runs, the lungs are small, and the summary
+    says that the airways were not in the field of view."""
+    from RecognitionCore.io import load_volume
+
+    volume = load_volume(shared_data / "totalsegmentator" / "example_ct.nii.gz", app.scene)
+    outputs = _logic().process(volume, "classical", 0.5, 3.0, "cpu")
+    lungs = outputs.result.lungs
+    assert 20 < lungs.right_volume_ml < 300 and 20 < lungs.left_volume_ml < 300, lungs
+    assert "no trachea" in outputs.summary
+    assert outputs.table.GetNumberOfRows() == len(outputs.result.nodules)
