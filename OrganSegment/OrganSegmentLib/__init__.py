@@ -1,0 +1,1 @@
+"""OrganSegment's own methods on plain images: interactive segmentation, mask clean-up and organ statistics."""
