@@ -2,12 +2,14 @@
 
     python -m RecognitionCore.cli prepare [--input CT ...] [--output DIR]   # check + preprocess; .mrb, PNG, JSON
     python -m RecognitionCore.cli nodules [--input CT ...] [--output DIR]   # NoduleDetect: .mrb, CSVs, PNG
+    python -m RecognitionCore.cli organs [--input CT ...] [--output DIR]    # OrganSegment: .mrb, CSVs, labels, PNG
     python -m RecognitionCore.cli phantom --kind chest --output DIR          # a generated CT with its ground truth
     python -m RecognitionCore.cli models                                     # the model catalogue
     python -m RecognitionCore.cli evaluate detection|segmentation|curves ... # FROC/CPM, Dice/HD95, learning curves
     python -m RecognitionCore.cli train segmentation|detection ...           # train or fine-tune; a new model card
 
-Without ``--input``, ``prepare`` and ``nodules`` run on a generated chest phantom, so it works with no data and no network.
+Without ``--input``, ``prepare`` and ``nodules`` run on a generated chest phantom and ``organs`` on an abdominal one, so
+it works with no data and no network.
 Each case is written to its own files; a failing case is reported and the others go on (exit status 1 if any failed).
 """
 
@@ -30,6 +32,9 @@ ENCLOSED_AIR = "Enclosed air (coarse lungs)"
 OVERLAY_COLORS_RGB = {"Body": (0.3, 0.85, 0.3), ENCLOSED_AIR: (0.2, 0.6, 1.0)}
 DEFAULT_PHANTOM_SIZE_IJK = (256, 256, 128)
 DEFAULT_PHANTOM_SPACING_MM = (1.4, 1.4, 2.5)
+# The grid the shipped organ model was trained on (about 3 mm voxels).
+DEFAULT_ABDOMEN_PHANTOM_SIZE_IJK = (128, 128, 96)
+DEFAULT_ABDOMEN_PHANTOM_SPACING_MM = (3.1, 3.1, 3.1)
 
 
 @dataclass
@@ -159,13 +164,14 @@ def _add_phantom_truth(scene, phantom, input_node) -> list:
     return nodes
 
 
-def _phantom_loader(seed: int, size_ijk, spacing_mm):
+def _phantom_loader(seed: int, size_ijk, spacing_mm, kind: str = "chest"):
     def load(scene):
-        from .phantoms import make_chest_ct
+        from . import phantoms
         from .volumes import sitk_to_volume_node
 
-        phantom = make_chest_ct(size_ijk=tuple(size_ijk), spacing_mm=tuple(spacing_mm), seed=seed)
-        return sitk_to_volume_node(phantom.image, f"Chest phantom {seed}", scene=scene), phantom
+        make = phantoms.make_chest_ct if kind == "chest" else phantoms.make_abdomen_ct
+        phantom = make(size_ijk=tuple(size_ijk), spacing_mm=tuple(spacing_mm), seed=seed)
+        return sitk_to_volume_node(phantom.image, f"{kind.capitalize()} phantom {seed}", scene=scene), phantom
     return load
 
 
@@ -231,7 +237,7 @@ def detect_nodules_case(load_input: Callable, name: str, output_dir: Path, args,
     from .preprocessing import resample_to_reference
     from .volumes import volume_node_to_sitk
 
-    detection = _nodule_detection_module()
+    detection = module_lib("NoduleDetect", "detection")
     app = create_app()
     input_node, phantom = load_input(app.scene)
     outputs = module_logic("NoduleDetect")().process(input_node, args.method, args.min_confidence,
@@ -264,20 +270,22 @@ def detect_nodules_case(load_input: Callable, name: str, output_dir: Path, args,
     return {"files": files, "luna16_rows": rows, "summary": summary}
 
 
-def _nodule_detection_module():
-    module_logic("NoduleDetect")  # puts the module folder on sys.path
-    from NoduleDetectLib import detection
+def module_lib(module_name: str, lib_module: str):
+    """A module of ``<ModuleName>Lib`` (e.g. NoduleDetectLib.detection), imported as the module file imports it."""
+    import importlib
 
-    return detection
+    module_logic(module_name)  # puts the module folder on sys.path
+    return importlib.import_module(f"{module_name}Lib.{lib_module}")
 
 
-def _cases(args) -> list:
+def _cases(args, kind: str = "chest") -> list:
+    """(name, loader) for each ``--input``, else for one generated phantom of ``kind``."""
     from .io import default_node_name
 
     if args.input:
         return [(default_node_name(path), _file_loader(Path(path))) for path in args.input]
-    return [(f"chest_phantom_{args.phantom_seed}",
-             _phantom_loader(args.phantom_seed, args.phantom_size, args.phantom_spacing))]
+    return [(f"{kind}_phantom_{args.phantom_seed}",
+             _phantom_loader(args.phantom_seed, args.phantom_size, args.phantom_spacing, kind))]
 
 
 def run_nodules(args) -> int:
@@ -304,6 +312,74 @@ def run_nodules(args) -> int:
         writer.writeheader()
         writer.writerows(luna16)
     print(f"LUNA16 detections: {output / 'detections.csv'} ({len(luna16)} rows)")
+    return 1 if failures else 0
+
+
+def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args, progress=None) -> dict:
+    """OrganSegment on one CT in a fresh scene: ``<name>.mrb``, ``<name>_organs.csv`` (statistics, RAS),
+    ``<name>_labels.nii.gz`` with its label CSV, ``<name>.png`` (the organs' outlines); on a phantom also the Dice of
+    each organ the phantom's truth names."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from . import io, preview, scene
+    from .headless import create_app
+    from .volumes import volume_node_to_sitk
+
+    app = create_app()
+    input_node, phantom = load_input(app.scene)
+    outputs = module_logic("OrganSegment")().process(
+        input_node, args.method, args.structures, modelId=args.model, manifestDirs=args.manifest_dir or (),
+        largestComponent=not args.keep_all_components, fillHoles=not args.keep_holes, smoothingMm=args.smoothing_mm,
+        device=args.device, progress=progress)
+    statistics = module_lib("OrganSegment", "statistics")
+    dice = {}
+    if phantom is not None:
+        with scene.NewNodes(app.scene):
+            scene.place_under_study(_add_phantom_truth(scene, phantom, input_node), input_node, "Ground truth")
+        truth = sitk.GetArrayViewFromImage(phantom.labels)
+        labels = sitk.GetArrayViewFromImage(outputs.labels)
+        for value, label_name in outputs.label_names.items():
+            truth_value = next((v for v, n in phantom.label_names.items() if n == label_name), None)
+            if truth_value is not None:
+                both = np.count_nonzero((labels == value) & (truth == truth_value))
+                dice[label_name] = 2.0 * both / max(np.count_nonzero(labels == value) +
+                                                    np.count_nonzero(truth == truth_value), 1)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = {"scene": io.save_scene(app.scene, output_dir / f"{name}.mrb"),
+             "statistics": scene.write_table_csv(outputs.table, output_dir / f"{name}_organs.csv")}
+    files["labels"], files["label_names"] = statistics.write_labelmap_with_csv(
+        outputs.labels, outputs.label_names, output_dir / f"{name}_labels.nii.gz")
+    image = volume_node_to_sitk(input_node)
+    overlays = {}
+    for index, (value, label_name) in enumerate(sorted(outputs.label_names.items())):
+        spec = scene.segment_spec(label_name, fallback_index=index)
+        overlays[spec.name] = (sitk.Cast(outputs.labels == value, sitk.sitkUInt8), spec.color_rgb)
+    title = f"{name}: " + ", ".join(f"{row['name']} {row['volume_ml']:.0f} mL" for row in outputs.statistics
+                                    if row["voxel_count"])
+    files["preview"] = preview.save_preview_png(image, output_dir / f"{name}.png", overlays=overlays,
+                                                window_hu=preview.DISPLAY_WINDOWS_HU["soft_tissue"], title=title)
+    summary = outputs.summary + "".join(f"\nDice {label_name} vs the phantom: {value:.3f}"
+                                        for label_name, value in dice.items())
+    app.scene.Clear(1)
+    return {"files": files, "dice": dice, "summary": summary}
+
+
+def run_organs(args) -> int:
+    from .progress import Progress
+
+    output = Path(args.output)
+    failures = 0
+    for name, loader in _cases(args, "abdomen"):
+        try:
+            case = segment_organs_case(loader, name, output, args, Progress(None if args.quiet else _print_progress))
+        except RecognitionError as error:
+            failures += 1
+            print(f"{name}: FAILED: {error}", file=sys.stderr)
+            continue
+        print(f"{name}: {case['summary']}")
+        for kind, path in case["files"].items():
+            print(f"{name}: {kind}: {path}")
     return 1 if failures else 0
 
 
@@ -487,11 +563,10 @@ def _label_argument(text: str):
     return int(value), name.strip()
 
 
-def _phantom_arguments(parser) -> None:
+def _phantom_arguments(parser, size_ijk=DEFAULT_PHANTOM_SIZE_IJK, spacing_mm=DEFAULT_PHANTOM_SPACING_MM) -> None:
     parser.add_argument("--phantom-seed", type=int, default=0)
-    parser.add_argument("--phantom-size", type=int, nargs=3, default=DEFAULT_PHANTOM_SIZE_IJK, metavar=("I", "J", "K"))
-    parser.add_argument("--phantom-spacing", type=float, nargs=3, default=DEFAULT_PHANTOM_SPACING_MM,
-                        metavar=("X", "Y", "Z"))
+    parser.add_argument("--phantom-size", type=int, nargs=3, default=size_ijk, metavar=("I", "J", "K"))
+    parser.add_argument("--phantom-spacing", type=float, nargs=3, default=spacing_mm, metavar=("X", "Y", "Z"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -525,6 +600,27 @@ def build_parser() -> argparse.ArgumentParser:
     _phantom_arguments(nodules)
     nodules.add_argument("--quiet", action="store_true", help="no progress lines")
     nodules.set_defaults(run=run_nodules)
+
+    organs = commands.add_parser("organs", help="OrganSegment: segment organs; write a .mrb scene, a statistics CSV, "
+                                                "a labelmap with its label CSV and a PNG each")
+    organs.add_argument("--input", action="append", help="CT file or DICOM folder; repeat for batch. "
+                                                         "Default: a generated abdominal phantom")
+    organs.add_argument("--output", default="out", help="output folder (default: out)")
+    organs.add_argument("--method", choices=("classical", "deep"), default="deep",
+                        help="deep: a catalogue segmentation model (default); classical: body, lungs, airways, bones, "
+                             "fat and soft tissue from HU")
+    organs.add_argument("--structures", nargs="+", help="a subset: the model's labels (deep) or trunk structures "
+                                                        "(classical); default all")
+    organs.add_argument("--model", help="catalogue id of the segmentation model for --method deep "
+                                        "(default mir_abdomen_organs_unet)")
+    organs.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
+    organs.add_argument("--smoothing-mm", type=float, default=0.0, help="boundary smoothing per organ (default 0)")
+    organs.add_argument("--keep-all-components", action="store_true", help="no largest-component step")
+    organs.add_argument("--keep-holes", action="store_true", help="no hole filling")
+    organs.add_argument("--device", default="auto")
+    _phantom_arguments(organs, DEFAULT_ABDOMEN_PHANTOM_SIZE_IJK, DEFAULT_ABDOMEN_PHANTOM_SPACING_MM)
+    organs.add_argument("--quiet", action="store_true", help="no progress lines")
+    organs.set_defaults(run=run_organs)
 
     phantom = commands.add_parser("phantom", help="write a generated CT with its ground truth (NRRD + CSV)")
     phantom.add_argument("--kind", choices=("chest", "abdomen"), default="chest")
