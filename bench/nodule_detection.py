@@ -60,7 +60,8 @@ def detector():
                                     "labels": {"0": "nodule"}, "spacing_mm": [1.4, 1.4, 2.0],
                                     "intensity": {"type": "window", "hu_min": -1024, "hu_max": 300},
                                     "roi_size": [96, 96, 64], "licence": "Apache-2.0",
-                                    "architecture": network.architecture(), "weights": {"file": "none.pt"}})
+                                    "architecture": network.architecture(),
+                                    "weights": {"file": "untrained.pt", "sha256": "0" * 64}})
         return card, network
 
 
