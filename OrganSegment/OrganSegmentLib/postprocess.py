@@ -59,14 +59,18 @@ def postprocess_labels(labels: sitk.Image, largest_component: bool = True, fill:
     values = present if only is None else [int(v) for v in only if int(v) in present]
     spacing_zyx = np.array(labels.GetSpacing()[::-1])
     for value in values:
-        mask = array == value
+        # within the label's box (one voxel wider, so background that reaches the box's border is not a hole): the
+        # same result as on the whole volume, at the cost of the organ's size
+        box = bounding_box_slices(array == value, margin=1)
+        region = array[box]
+        mask = region == value
         cleaned = mask
         if largest_component:
             cleaned = largest_component_array(cleaned)
         if fill:
-            cleaned = cleaned | (holes_filled_array(cleaned, per_slice) & (array == 0))
-        array[mask & ~cleaned] = 0
-        array[cleaned & ~mask] = value
+            cleaned = cleaned | (holes_filled_array(cleaned, per_slice) & (region == 0))
+        region[mask & ~cleaned] = 0
+        region[cleaned & ~mask] = value
     if sigma_mm > 0 and values:
         array = _smoothed_labels(array, values, spacing_zyx, sigma_mm)
     result = sitk.GetImageFromArray(array)
