@@ -46,6 +46,7 @@ MAX_SEARCH_DIAMETER_MM = 40.0   # Lung-RADS calls > 30 mm a mass; LIDC readers o
 FEATURE_MARGIN_MM = 5.0         # context around a candidate's mask for the shell and texture features
 LUNG_BOX_MARGIN_MM = 10.0
 MERGE_MIN_RADIUS_MM = 3.0
+MERGE_MIN_MASK_OVERLAP = 0.3
 
 
 @dataclass
@@ -251,21 +252,51 @@ def load_detector(detector_id: Optional[str] = None, manifest_dirs: Sequence = (
 
 
 def merge_candidates(scored: Sequence[ScoredCandidate]) -> List[Tuple[ScoredCandidate, Tuple[str, ...]]]:
-    """Non-maximum suppression across methods: from the most confident down, a candidate whose centre lies within
-    the radius of a kept one (or the kept one's within its radius) is merged into it; returns (kept, methods)."""
+    """Non-maximum suppression across methods: from the most confident down, a candidate is merged into a kept one
+    when either centre lies within the other's radius or inside the other's mask, or when their masks share at least
+    ``MERGE_MIN_MASK_OVERLAP`` of the smaller one (several blob scales and boxes fall on one large or lobulated
+    nodule); returns (kept, methods)."""
     kept: List[Tuple[ScoredCandidate, set]] = []
     for candidate in sorted(scored, key=lambda row: -row.confidence):
         if not sitk.GetArrayViewFromImage(candidate.mask).any():
             continue  # nothing brighter than the lung at the centre
-        center = np.asarray(candidate.center_lps_mm)
         for other, methods in kept:
-            radius = max(candidate.diameter_mm, other.diameter_mm, 2 * MERGE_MIN_RADIUS_MM) / 2
-            if np.linalg.norm(center - np.asarray(other.center_lps_mm)) < radius:
+            if _same_finding(candidate, other):
                 methods.add(candidate.method)
                 break
         else:
             kept.append((candidate, {candidate.method}))
     return [(candidate, tuple(sorted(methods))) for candidate, methods in kept]
+
+
+def _same_finding(first: ScoredCandidate, second: ScoredCandidate) -> bool:
+    radius = max(first.diameter_mm, second.diameter_mm, 2 * MERGE_MIN_RADIUS_MM) / 2
+    if np.linalg.norm(np.subtract(first.center_lps_mm, second.center_lps_mm)) < radius:
+        return True
+    return (_inside_mask(second.mask, first.center_lps_mm) or _inside_mask(first.mask, second.center_lps_mm)
+            or _mask_overlap(first.mask, second.mask) >= MERGE_MIN_MASK_OVERLAP)
+
+
+def _mask_overlap(first: sitk.Image, second: sitk.Image) -> float:
+    """Shared voxels as a fraction of the smaller mask; both are crops of the same input grid."""
+    offset = np.array(first.TransformPhysicalPointToIndex(second.GetOrigin()))  # i, j, k
+    low = np.maximum(offset, 0)
+    high = np.minimum(offset + np.array(second.GetSize()), first.GetSize())
+    if np.any(high <= low):
+        return 0.0
+    a = sitk.GetArrayViewFromImage(first)[low[2]:high[2], low[1]:high[1], low[0]:high[0]] != 0
+    b = sitk.GetArrayViewFromImage(second)[low[2] - offset[2]:high[2] - offset[2], low[1] - offset[1]:high[1] - offset[1],
+                                           low[0] - offset[0]:high[0] - offset[0]] != 0
+    smaller = min(np.count_nonzero(sitk.GetArrayViewFromImage(first)),
+                  np.count_nonzero(sitk.GetArrayViewFromImage(second)))
+    return float(np.count_nonzero(a & b)) / max(smaller, 1)
+
+
+def _inside_mask(mask: sitk.Image, point_lps_mm) -> bool:
+    index = np.rint(mask.TransformPhysicalPointToContinuousIndex([float(v) for v in point_lps_mm])).astype(int)
+    if np.any(index < 0) or np.any(index >= mask.GetSize()):
+        return False
+    return bool(mask[[int(v) for v in index]])
 
 
 def _hint_mm(diameter_mm: float) -> float:

@@ -94,10 +94,11 @@ def test_errors_and_cancel_leave_no_nodes_and_the_input_untouched(app):
 
 
 def test_merge_keeps_the_most_confident_of_overlapping_findings():
-    mask = sitk.Image([4, 4, 4], sitk.sitkUInt8)
-    mask[1, 1, 1] = 1
-
     def candidate(center, diameter, confidence, method):
+        """A one-voxel mask at ``center`` (1 mm grid)."""
+        mask = sitk.Image([3, 3, 3], sitk.sitkUInt8)
+        mask[1, 1, 1] = 1
+        mask.SetOrigin([c - 1.0 for c in center])
         return detection.ScoredCandidate(center, diameter, confidence, method, mask)
 
     merged = detection.merge_candidates([candidate((0, 0, 0), 10.0, 0.6, "classical"),
@@ -105,6 +106,21 @@ def test_merge_keeps_the_most_confident_of_overlapping_findings():
                                          candidate((20, 0, 0), 8.0, 0.7, "classical")])
     assert [(kept.confidence, methods) for kept, methods in merged] == [(0.9, ("classical", "deep")),
                                                                         (0.7, ("classical",))]
+    # a small blob inside a large nodule's mask is the same finding, even beyond its own radius
+    large = sitk.Image([40, 40, 40], sitk.sitkUInt8)
+    large[10:30, 10:30, 10:30] = 1
+    inside = [detection.ScoredCandidate((0, 0, 0), 30.0, 0.9, "classical", large),
+              candidate((15, 15, 15), 4.0, 0.8, "classical"), candidate((35, 35, 35), 4.0, 0.7, "classical")]
+    assert [kept.confidence for kept, _ in detection.merge_candidates(inside)] == [0.9, 0.7]
+    # two seeds on one nodule segment overlapping pieces of it: one finding
+    piece = sitk.Image([20, 20, 20], sitk.sitkUInt8)
+    piece[0:10, 0:10, 0:10] = 1
+    piece.SetOrigin((28.0, 28.0, 28.0))  # 2 of its 10 voxels per axis inside the large mask: 8 of 1000 shared
+    overlapping = [detection.ScoredCandidate((0, 0, 0), 30.0, 0.9, "classical", large),
+                   detection.ScoredCandidate((45, 45, 45), 4.0, 0.8, "classical", piece)]
+    assert len(detection.merge_candidates(overlapping)) == 2
+    piece.SetOrigin((22.0, 22.0, 22.0))  # 8 of 10 per axis: 512 of 1000 shared
+    assert len(detection.merge_candidates(overlapping)) == 1
 
 
 def test_deep_method_runs_a_user_catalogue_detector_inside_the_lungs(app, tmp_path):
