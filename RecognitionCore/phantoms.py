@@ -26,6 +26,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .preprocessing import three_numbers
 from .progress import Progress, as_progress
 
 CHEST_LABELS: Dict[int, str] = {
@@ -1166,25 +1167,15 @@ def _validated_grid(size_ijk, spacing_mm, origin_mm, direction) -> _Grid:
         raise InputError(f"size_ijk must be at least {MIN_SIZE} voxels along each axis, got {tuple(size)}")
     if any(v > limit for v, limit in zip(size, MAX_SIZE_IJK)):
         raise InputError(f"size_ijk {tuple(size)} is above the limit {MAX_SIZE_IJK}")
-    spacing = _vector3("spacing_mm", spacing_mm)
+    spacing = three_numbers(spacing_mm, "spacing_mm")
     if np.any(spacing <= 0):
         raise InputError(f"spacing_mm must be positive, got {tuple(spacing)}")
-    origin = None if origin_mm is None else _vector3("origin_mm", origin_mm)
+    origin = None if origin_mm is None else three_numbers(origin_mm, "origin_mm")
     matrix = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
     if matrix.size != 9 or not np.all(np.isfinite(matrix)) or \
             not np.allclose(matrix.reshape(3, 3) @ matrix.reshape(3, 3).T, np.eye(3), atol=1e-6):
         raise InputError(f"direction must be an orthonormal 3 x 3 matrix (9 values, row-major), got {direction!r}")
     return _Grid(size, spacing, origin, matrix.reshape(3, 3))
-
-
-def _vector3(name: str, values) -> np.ndarray:
-    try:
-        vector = np.asarray(values, dtype=float).reshape(-1)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be three numbers, got {values!r}") from None
-    if vector.size != 3 or not np.all(np.isfinite(vector)):
-        raise InputError(f"{name} must be three finite numbers, got {values!r}")
-    return vector
 
 
 def _scale(grid: _Grid, patient_scale, width_mm: float, depth_mm: float, height_mm: float) -> float:

@@ -198,6 +198,17 @@ def _resample(image: sitk.Image, geometry: ImageGeometry, interpolator: str,
     return resampler.Execute(source)
 
 
+def three_numbers(values, what: str) -> np.ndarray:
+    """``values`` as three finite floats (a point in mm, a spacing, a normal); ``InputError`` naming ``what``."""
+    try:
+        vector = np.asarray(values, dtype=float).reshape(-1)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be three finite numbers (x, y, z), got {values!r}") from None
+    if vector.size != 3 or not np.all(np.isfinite(vector)):
+        raise InputError(f"{what} must be three finite numbers (x, y, z), got {values!r}")
+    return vector
+
+
 def _as_spacing(spacing_mm: SpacingLike, dimension: int) -> np.ndarray:
     spacing = np.atleast_1d(np.asarray(spacing_mm, dtype=float))
     if spacing.size == 1:

@@ -29,6 +29,7 @@ import vtk
 from vtk.util import numpy_support
 
 from .errors import InputError, RecognitionError
+from .preprocessing import three_numbers
 from .volumes import lps_to_ras
 
 # Node reference role from each output node to the input volume it was computed from (provenance).
@@ -150,13 +151,6 @@ def _points_array(points, what: str) -> np.ndarray:
         raise InputError(f"{what} must be a list of (x, y, z) points; got an array of shape {array.shape}.")
     if not np.all(np.isfinite(array)):
         raise InputError(f"{what} contains NaN or infinite coordinates.")
-    return array
-
-
-def _point(point, what: str) -> np.ndarray:
-    array = np.asarray(point, dtype=float)
-    if array.shape != (3,) or not np.all(np.isfinite(array)):
-        raise InputError(f"{what} must be three finite numbers (x, y, z); got {point!r}.")
     return array
 
 
@@ -560,8 +554,8 @@ def add_roi(center_lps_mm, size_mm, name: str, description: str = "", locked: bo
     The description goes on the ROI's control point (markups overwrite the node description with measurements).
     """
     scene = _scene_or_default(scene)
-    center_ras = lps_to_ras(_point(center_lps_mm, "center_lps_mm"))
-    size = _point(size_mm, "size_mm")
+    center_ras = lps_to_ras(three_numbers(center_lps_mm, "center_lps_mm"))
+    size = three_numbers(size_mm, "size_mm")
     if np.any(size <= 0):
         raise InputError(f"size_mm must be positive; got {size.tolist()}.")
     with NewNodes(scene):
@@ -575,8 +569,8 @@ def add_roi(center_lps_mm, size_mm, name: str, description: str = "", locked: bo
 def add_line(start_lps_mm, end_lps_mm, name: str, description: str = "", locked: bool = True, scene=None):
     """A line (e.g. a measured diameter) between two points in LPS mm; its length is shown by Slicer."""
     scene = _scene_or_default(scene)
-    start_ras = lps_to_ras(_point(start_lps_mm, "start_lps_mm"))
-    end_ras = lps_to_ras(_point(end_lps_mm, "end_lps_mm"))
+    start_ras = lps_to_ras(three_numbers(start_lps_mm, "start_lps_mm"))
+    end_ras = lps_to_ras(three_numbers(end_lps_mm, "end_lps_mm"))
     with NewNodes(scene):
         node = _add_markups_node(scene, "vtkMRMLMarkupsLineNode", name, locked)
         for point in (start_ras, end_ras):
@@ -588,8 +582,8 @@ def add_line(start_lps_mm, end_lps_mm, name: str, description: str = "", locked:
 def add_plane(origin_lps_mm, normal_lps, name: str, description: str = "", locked: bool = True, scene=None):
     """A plane (e.g. a resection cut) through a point in LPS mm with a normal direction in LPS (any length)."""
     scene = _scene_or_default(scene)
-    origin_ras = lps_to_ras(_point(origin_lps_mm, "origin_lps_mm"))
-    normal = _point(normal_lps, "normal_lps")
+    origin_ras = lps_to_ras(three_numbers(origin_lps_mm, "origin_lps_mm"))
+    normal = three_numbers(normal_lps, "normal_lps")
     length = float(np.linalg.norm(normal))
     if length == 0.0:
         raise InputError("normal_lps must not be the zero vector.")

@@ -28,7 +28,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from RecognitionCore.errors import InputError
 from RecognitionCore.preprocessing import (BoundingBox, ImageGeometry, check_same_grid, crop, resample_to_reference,
-                                          resample_to_spacing)
+                                          resample_to_spacing, three_numbers)
 
 NODULE_TYPES = ("solid", "part-solid", "ground-glass")
 SOLID_HU = -300.0  # voxels above this are the solid component
@@ -133,12 +133,7 @@ def segment_nodule(image: sitk.Image, center_lps_mm: Sequence[float], diameter_h
 def _check_segment_arguments(image, center_lps_mm, diameter_hint_mm, lung_mask) -> np.ndarray:
     if not isinstance(image, sitk.Image) or image.GetDimension() != 3:
         raise InputError(f"the image must be a 3D SimpleITK image, got {type(image).__name__}")
-    try:
-        center = np.asarray(center_lps_mm, dtype=float).reshape(-1)
-    except (TypeError, ValueError):
-        raise InputError(f"the nodule centre must be three numbers (LPS mm), got {center_lps_mm!r}") from None
-    if center.size != 3 or not np.all(np.isfinite(center)):
-        raise InputError(f"the nodule centre must be three finite numbers (LPS mm), got {center_lps_mm!r}")
+    center = three_numbers(center_lps_mm, "the nodule centre (LPS mm)")
     index = np.array(image.TransformPhysicalPointToContinuousIndex(tuple(center)))
     if np.any(index < -0.5) or np.any(index > np.array(image.GetSize()) - 0.5):
         raise InputError(f"the nodule centre {tuple(np.round(center, 1))} mm is outside the image")
