@@ -187,27 +187,37 @@ def _print_progress(fraction: float, message: str) -> None:
     print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
 
 
-def run_prepare(args) -> int:
+def run_batch(args, kind: str, run_case: Callable) -> int:
+    """``run_case(loader, name, progress) -> (lines, files)`` on each case of ``args`` (its ``--input``s, else a
+    generated phantom of ``kind``), printing what it made; a failing case is reported and the others go on (exit
+    status 1 if any failed)."""
     from .progress import Progress
 
     failures = 0
-    for name, loader in _cases(args):
+    for name, loader in _cases(args, kind):
         try:
-            result = prepare_case(loader, name, Path(args.output), args.spacing_mm, args.denoise,
-                                  Progress(None if args.quiet else _print_progress))
+            lines, files = run_case(loader, name, Progress(None if args.quiet else _print_progress))
         except RecognitionError as error:
             failures += 1
             print(f"{name}: FAILED: {error}", file=sys.stderr)
             continue
-        print(f"{name}: {' x '.join(map(str, result.size))} voxels at "
-              f"{' x '.join(f'{s:.2f}' for s in result.spacing_mm)} mm -> prepared "
-              f"{' x '.join(map(str, result.prepared_size))}; body {result.body_volume_ml:.0f} mL, "
-              f"lungs {result.lung_volume_ml:.0f} mL; " + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
-        for warning in result.warnings:
-            print(f"{name}: warning: {warning}")
-        for kind, path in result.files.items():
-            print(f"{name}: {kind}: {path}")
+        for line in lines:
+            print(f"{name}: {line}")
+        for file_kind, path in files.items():
+            print(f"{name}: {file_kind}: {path}")
     return 1 if failures else 0
+
+
+def run_prepare(args) -> int:
+    def run_case(loader, name, progress):
+        result = prepare_case(loader, name, Path(args.output), args.spacing_mm, args.denoise, progress)
+        summary = (f"{' x '.join(map(str, result.size))} voxels at "
+                   f"{' x '.join(f'{s:.2f}' for s in result.spacing_mm)} mm -> prepared "
+                   f"{' x '.join(map(str, result.prepared_size))}; body {result.body_volume_ml:.0f} mL, "
+                   f"lungs {result.lung_volume_ml:.0f} mL; "
+                   + ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items()))
+        return [summary] + [f"warning: {warning}" for warning in result.warnings], result.files
+    return run_batch(args, "chest", run_case)
 
 
 def module_logic(module_name: str):
@@ -230,11 +240,11 @@ def series_uid(volume_node, default: str) -> str:
 def detect_nodules_case(load_input: Callable, name: str, output_dir: Path, args, progress=None) -> dict:
     """NoduleDetect on one CT in a fresh scene: ``<name>.mrb``, ``<name>_nodules.csv``, ``<name>.png`` (the
     strongest nodule with the lungs and nodule outlines); returns the files and the LUNA16 rows."""
+    import numpy as np
     import SimpleITK as sitk
 
     from . import io, preview, scene
     from .headless import create_app
-    from .preprocessing import resample_to_reference
     from .volumes import volume_node_to_sitk
 
     detection = module_lib("NoduleDetect", "detection")
@@ -253,10 +263,9 @@ def detect_nodules_case(load_input: Callable, name: str, output_dir: Path, args,
     nodules = outputs.result.nodules
     overlays = {"Lungs": (sitk.Or(outputs.result.lungs.right, outputs.result.lungs.left), (0.2, 0.6, 1.0))}
     if nodules:
-        union = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+        union = sitk.GetImageFromArray(np.logical_or.reduce(
+            [detection.mask_on_grid(nodule.mask, image) for nodule in nodules]).astype(np.uint8))
         union.CopyInformation(image)
-        for nodule in nodules:
-            union = sitk.Or(union, resample_to_reference(nodule.mask, image, "nearest"))
         overlays["Nodules"] = (union, (1.0, 0.6, 0.1))
     title = f"{name}: {len(nodules)} nodule(s)" + (f"; N1 {nodules[0].diameter_mm:.1f} mm "
                                                      f"{nodules[0].measurement.type}, confidence "
@@ -278,7 +287,7 @@ def module_lib(module_name: str, lib_module: str):
     return importlib.import_module(f"{module_name}Lib.{lib_module}")
 
 
-def _cases(args, kind: str = "chest") -> list:
+def _cases(args, kind: str) -> list:
     """(name, loader) for each ``--input``, else for one generated phantom of ``kind``."""
     from .io import default_node_name
 
@@ -291,28 +300,21 @@ def _cases(args, kind: str = "chest") -> list:
 def run_nodules(args) -> int:
     import csv
 
-    from .progress import Progress
-
     output = Path(args.output)
-    failures, luna16 = 0, []
-    for name, loader in _cases(args):
-        try:
-            case = detect_nodules_case(loader, name, output, args, Progress(None if args.quiet else _print_progress))
-        except RecognitionError as error:
-            failures += 1
-            print(f"{name}: FAILED: {error}", file=sys.stderr)
-            continue
-        luna16 += case["luna16_rows"]
-        print(f"{name}: {case['summary']}")
-        for kind, path in case["files"].items():
-            print(f"{name}: {kind}: {path}")
+    luna16 = []
+
+    def run_case(loader, name, progress):
+        case = detect_nodules_case(loader, name, output, args, progress)
+        luna16.extend(case["luna16_rows"])
+        return [case["summary"]], case["files"]
+    status = run_batch(args, "chest", run_case)
     output.mkdir(parents=True, exist_ok=True)
     with open(output / "detections.csv", "w", newline="") as stream:
         writer = csv.DictWriter(stream, ["seriesuid", "coordX", "coordY", "coordZ", "probability"])
         writer.writeheader()
         writer.writerows(luna16)
     print(f"LUNA16 detections: {output / 'detections.csv'} ({len(luna16)} rows)")
-    return 1 if failures else 0
+    return status
 
 
 def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args, progress=None) -> dict:
@@ -322,7 +324,7 @@ def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args,
     import numpy as np
     import SimpleITK as sitk
 
-    from . import io, preview, scene
+    from . import evaluation, io, preview, scene
     from .headless import create_app
     from .volumes import volume_node_to_sitk
 
@@ -338,13 +340,15 @@ def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args,
         with scene.NewNodes(app.scene):
             scene.place_under_study(_add_phantom_truth(scene, phantom, input_node), input_node, "Ground truth")
         truth = sitk.GetArrayViewFromImage(phantom.labels)
-        labels = sitk.GetArrayViewFromImage(outputs.labels)
+        truth_on_output_values = np.zeros(truth.shape, dtype=np.uint8)
+        compared = {}
         for value, label_name in outputs.label_names.items():
             truth_value = next((v for v, n in phantom.label_names.items() if n == label_name), None)
             if truth_value is not None:
-                both = np.count_nonzero((labels == value) & (truth == truth_value))
-                dice[label_name] = 2.0 * both / max(np.count_nonzero(labels == value) +
-                                                    np.count_nonzero(truth == truth_value), 1)
+                truth_on_output_values[truth == truth_value] = value
+                compared[value] = label_name
+        scores = evaluation.dice_per_label(truth_on_output_values, sitk.GetArrayViewFromImage(outputs.labels), compared)
+        dice = {compared[value]: score for value, score in scores.items()}
     output_dir.mkdir(parents=True, exist_ok=True)
     files = {"scene": io.save_scene(app.scene, output_dir / f"{name}.mrb"),
              "statistics": scene.write_table_csv(outputs.table, output_dir / f"{name}_organs.csv")}
@@ -366,21 +370,10 @@ def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args,
 
 
 def run_organs(args) -> int:
-    from .progress import Progress
-
-    output = Path(args.output)
-    failures = 0
-    for name, loader in _cases(args, "abdomen"):
-        try:
-            case = segment_organs_case(loader, name, output, args, Progress(None if args.quiet else _print_progress))
-        except RecognitionError as error:
-            failures += 1
-            print(f"{name}: FAILED: {error}", file=sys.stderr)
-            continue
-        print(f"{name}: {case['summary']}")
-        for kind, path in case["files"].items():
-            print(f"{name}: {kind}: {path}")
-    return 1 if failures else 0
+    def run_case(loader, name, progress):
+        case = segment_organs_case(loader, name, Path(args.output), args, progress)
+        return [case["summary"]], case["files"]
+    return run_batch(args, "abdomen", run_case)
 
 
 def run_phantom(args) -> int:
@@ -563,10 +556,16 @@ def _label_argument(text: str):
     return int(value), name.strip()
 
 
-def _phantom_arguments(parser, size_ijk=DEFAULT_PHANTOM_SIZE_IJK, spacing_mm=DEFAULT_PHANTOM_SPACING_MM) -> None:
+def _case_arguments(parser, phantom: str, size_ijk=DEFAULT_PHANTOM_SIZE_IJK,
+                    spacing_mm=DEFAULT_PHANTOM_SPACING_MM) -> None:
+    """The inputs of a per-case command (``run_batch``): CTs or a generated ``phantom``, output folder, quiet."""
+    parser.add_argument("--input", action="append", help="CT file (NRRD, NIfTI, MetaImage) or DICOM folder; repeat "
+                                                         f"for batch. Default: a generated {phantom} phantom")
+    parser.add_argument("--output", default="out", help="output folder (default: out)")
     parser.add_argument("--phantom-seed", type=int, default=0)
     parser.add_argument("--phantom-size", type=int, nargs=3, default=size_ijk, metavar=("I", "J", "K"))
     parser.add_argument("--phantom-spacing", type=float, nargs=3, default=spacing_mm, metavar=("X", "Y", "Z"))
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -574,22 +573,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="check and preprocess CTs; write a .mrb scene, PNG and JSON each")
-    prepare.add_argument("--input", action="append", help="CT file (NRRD, NIfTI, MetaImage) or DICOM folder; "
-                                                          "repeat for batch. Default: a generated chest phantom")
-    prepare.add_argument("--output", default="out", help="output folder (default: out)")
+    _case_arguments(prepare, "chest")
     prepare.add_argument("--spacing-mm", type=float, default=1.5,
                          help="isotropic spacing of the preprocessed volume in mm (0: keep; default 1.5)")
     prepare.add_argument("--denoise", choices=("median", "gaussian", "curvature_anisotropic", "none"),
                          default="gaussian", help="denoising of the preprocessed volume (default: gaussian)")
-    _phantom_arguments(prepare)
-    prepare.add_argument("--quiet", action="store_true", help="no progress lines")
     prepare.set_defaults(run=run_prepare)
 
     nodules = commands.add_parser("nodules", help="NoduleDetect: find lung nodules; write a .mrb scene, a findings "
                                                   "CSV and a PNG each, and LUNA16 detections.csv for all")
-    nodules.add_argument("--input", action="append", help="chest CT file or DICOM folder; repeat for batch. "
-                                                          "Default: a generated chest phantom")
-    nodules.add_argument("--output", default="out", help="output folder (default: out)")
+    _case_arguments(nodules, "chest")
     nodules.add_argument("--method", choices=("classical", "deep", "both"), default="classical")
     nodules.add_argument("--min-confidence", type=float, default=0.5, help="0..1 (default 0.5; 0 keeps every "
                                                                            "candidate, for FROC curves)")
@@ -597,15 +590,11 @@ def build_parser() -> argparse.ArgumentParser:
     nodules.add_argument("--detector", help="catalogue id of the detection model for --method deep/both")
     nodules.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
     nodules.add_argument("--device", default="auto")
-    _phantom_arguments(nodules)
-    nodules.add_argument("--quiet", action="store_true", help="no progress lines")
     nodules.set_defaults(run=run_nodules)
 
     organs = commands.add_parser("organs", help="OrganSegment: segment organs; write a .mrb scene, a statistics CSV, "
                                                 "a labelmap with its label CSV and a PNG each")
-    organs.add_argument("--input", action="append", help="CT file or DICOM folder; repeat for batch. "
-                                                         "Default: a generated abdominal phantom")
-    organs.add_argument("--output", default="out", help="output folder (default: out)")
+    _case_arguments(organs, "abdominal", DEFAULT_ABDOMEN_PHANTOM_SIZE_IJK, DEFAULT_ABDOMEN_PHANTOM_SPACING_MM)
     organs.add_argument("--method", choices=("classical", "deep"), default="deep",
                         help="deep: a catalogue segmentation model (default); classical: body, lungs, airways, bones, "
                              "fat and soft tissue from HU")
@@ -618,8 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
     organs.add_argument("--keep-all-components", action="store_true", help="no largest-component step")
     organs.add_argument("--keep-holes", action="store_true", help="no hole filling")
     organs.add_argument("--device", default="auto")
-    _phantom_arguments(organs, DEFAULT_ABDOMEN_PHANTOM_SIZE_IJK, DEFAULT_ABDOMEN_PHANTOM_SPACING_MM)
-    organs.add_argument("--quiet", action="store_true", help="no progress lines")
     organs.set_defaults(run=run_organs)
 
     phantom = commands.add_parser("phantom", help="write a generated CT with its ground truth (NRRD + CSV)")
