@@ -23,7 +23,6 @@ sys.path[:0] = [str(REPO), str(REPO / "NoduleDetect")]
 from RecognitionCore.anatomy import segment_lungs  # noqa: E402
 from RecognitionCore.phantoms import make_chest_ct  # noqa: E402
 from NoduleDetectLib import detection  # noqa: E402
-from NoduleDetectLib.candidates import find_candidates  # noqa: E402
 from NoduleDetectLib.classifier import train_forest  # noqa: E402
 
 # Phantoms on a grid like a clinical chest CT's in-plane resolution, with thick slices, 3-30 mm nodules of every
@@ -37,8 +36,7 @@ def phantom_candidates(seed: int):
     """(phantom, lung mask, candidates, labels) with the pipeline's candidate settings."""
     phantom = make_chest_ct(seed=seed, nodules=NODULES_PER_CASE, **PHANTOM_GRID)
     lungs = detection.lung_mask(segment_lungs(phantom.image))
-    candidates = find_candidates(phantom.image, lungs, max_diameter_mm=detection.MAX_SEARCH_DIAMETER_MM,
-                                 min_blob_score=detection.CANDIDATE_MIN_BLOB_SCORE)
+    candidates = detection.blob_candidates(phantom.image, lungs)
     truth = [(np.asarray(n.center_lps_mm), n.diameter_mm / 2) for n in phantom.nodules]
     hits = np.array([[np.linalg.norm(np.asarray(c.center_lps_mm) - t) < r for t, r in truth] for c in candidates])
     return phantom, lungs, candidates, hits

@@ -142,6 +142,8 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
     report = validate_ct(image)
     if classifier is None and method != "deep":
         classifier = CandidateClassifier.load()
+    if method != "classical":  # before any work: a missing or corrupt model is reported at once
+        card, network = load_detector(detector_id, manifest_dirs)
     progress.report(0.0, "Segmenting the lungs")
     lungs = segment_lungs(image, progress.sub(0.0, 0.2))
     lungs_mask = lung_mask(lungs)
@@ -157,7 +159,6 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
         seconds["classical"] = time.perf_counter() - started
     if method in ("deep", "both"):
         started = time.perf_counter()
-        card, network = load_detector(detector_id, manifest_dirs)
         deep = deep_candidates(image, lungs_mask, card, network, device,
                                progress.sub(0.6 if method == "both" else 0.2, 0.9))
         candidate_count += len(deep)
@@ -179,9 +180,7 @@ def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: 
     """Blob candidates in the lungs; the ``MAX_SEGMENTED_CANDIDATES`` most nodule-like by the prefilter are
     segmented, described by their features and scored by the forest."""
     progress = as_progress(progress)
-    candidates = find_candidates(image, lungs_mask, min_diameter_mm=min_diameter_mm,
-                                 max_diameter_mm=MAX_SEARCH_DIAMETER_MM, progress=progress.sub(0.0, 0.4),
-                                 min_blob_score=CANDIDATE_MIN_BLOB_SCORE)
+    candidates = blob_candidates(image, lungs_mask, min_diameter_mm, progress.sub(0.0, 0.4))
     if len(candidates) > MAX_SEGMENTED_CANDIDATES:
         likelihood = classifier.prefilter.predict_proba(prefilter_rows(candidates))
         candidates = [candidates[i] for i in np.argsort(-likelihood, kind="stable")[:MAX_SEGMENTED_CANDIDATES]]
@@ -192,6 +191,13 @@ def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: 
             row.confidence = float(probability)
     progress.report(1.0, f"{len(scored)} candidates scored")
     return scored
+
+
+def blob_candidates(image: sitk.Image, lungs_mask: sitk.Image, min_diameter_mm: float = 3.0,
+                    progress: Optional[Progress] = None) -> List[Candidate]:
+    """The blob filter with the pipeline's settings (the classifiers are trained on exactly these candidates)."""
+    return find_candidates(image, lungs_mask, min_diameter_mm=min_diameter_mm, max_diameter_mm=MAX_SEARCH_DIAMETER_MM,
+                           progress=progress, min_blob_score=CANDIDATE_MIN_BLOB_SCORE)
 
 
 def describe_candidates(image: sitk.Image, lungs_mask: sitk.Image, candidates: Sequence[Candidate],
