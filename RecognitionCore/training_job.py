@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections import deque
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 

@@ -15,7 +15,7 @@ import warnings
 import torch
 
 from RecognitionCore.errors import Cancelled, ModelError
-from RecognitionCore.models import (SHIPPED_CATALOGUE, Catalogue, ModelCard, build_architecture, card_from_bundle,
+from RecognitionCore.models import (Catalogue, ModelCard, build_architecture, card_from_bundle,
                                     export_bundle, find_bundle_dir, load_bundle, load_network, resolve_card,
                                     resolve_weights, sha256_of_file)
 from RecognitionCore.progress import CancelToken, Progress
