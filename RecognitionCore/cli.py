@@ -3,13 +3,15 @@
     python -m RecognitionCore.cli prepare [--input CT ...] [--output DIR]   # check + preprocess; .mrb, PNG, JSON
     python -m RecognitionCore.cli nodules [--input CT ...] [--output DIR]   # NoduleDetect: .mrb, CSVs, PNG
     python -m RecognitionCore.cli organs [--input CT ...] [--output DIR]    # OrganSegment: .mrb, CSVs, labels, PNG
+    python -m RecognitionCore.cli surgery [--input CT --segmentation SEG ...] [--output DIR]  # SurgeryPlan: .mrb,
+                                                                             # CSV, STL, one-page report
     python -m RecognitionCore.cli phantom --kind chest --output DIR          # a generated CT with its ground truth
     python -m RecognitionCore.cli models                                     # the model catalogue
     python -m RecognitionCore.cli evaluate detection|segmentation|curves ... # FROC/CPM, Dice/HD95, learning curves
     python -m RecognitionCore.cli train segmentation|detection ...           # train or fine-tune; a new model card
 
-Without ``--input``, ``prepare`` and ``nodules`` run on a generated chest phantom and ``organs`` on an abdominal one, so
-it works with no data and no network.
+Without ``--input``, ``prepare`` and ``nodules`` run on a generated chest phantom, ``organs`` and ``surgery`` on an
+abdominal one (with its liver, tumour and vessel truth as the segmentation), so it works with no data and no network.
 Each case is written to its own files; a failing case is reported and the others go on (exit status 1 if any failed).
 """
 
@@ -187,14 +189,14 @@ def _print_progress(fraction: float, message: str) -> None:
     print(f"[{fraction * 100:5.1f}%] {message}", file=sys.stderr, flush=True)
 
 
-def run_batch(args, kind: str, run_case: Callable) -> int:
-    """``run_case(loader, name, progress) -> (lines, files)`` on each case of ``args`` (its ``--input``s, else a
-    generated phantom of ``kind``), printing what it made; a failing case is reported and the others go on (exit
-    status 1 if any failed)."""
+def run_batch(args, kind: str, run_case: Callable, cases: Optional[list] = None) -> int:
+    """``run_case(loader, name, progress) -> (lines, files)`` on each case (``cases``: (name, loader) pairs, default
+    the ``--input``s of ``args``, else a generated phantom of ``kind``), printing what it made; a failing case is
+    reported and the others go on (exit status 1 if any failed)."""
     from .progress import Progress
 
     failures = 0
-    for name, loader in _cases(args, kind):
+    for name, loader in cases if cases is not None else _cases(args, kind):
         try:
             lines, files = run_case(loader, name, Progress(None if args.quiet else _print_progress))
         except RecognitionError as error:
@@ -374,6 +376,168 @@ def run_organs(args) -> int:
         case = segment_organs_case(loader, name, Path(args.output), args, progress)
         return [case["summary"]], case["files"]
     return run_batch(args, "abdomen", run_case)
+
+
+def _label_names(args) -> dict:
+    """{label value: name} from ``--label-names`` (a value,name CSV such as TotalSegmentator's) and ``--label``."""
+    import csv
+
+    names = {}
+    if args.label_names:
+        with open(args.label_names, newline="") as stream:
+            for row in csv.reader(stream):
+                if len(row) >= 2 and row[0].strip().isdigit():
+                    names[int(row[0])] = row[1].strip()
+    names.update(dict(_label_argument(text) for text in args.label or ()))
+    return names
+
+
+def _segment_name(text: str) -> str:
+    """The segment name a role argument means: 'liver' -> 'Liver', other names as given."""
+    from . import scene
+
+    return scene.segment_spec(text).name
+
+
+def _segmentation_from_labelmap(path: Path, volume_node, label_names: dict, wanted: list):
+    """A segmentation node with the ``wanted`` structures of a labelmap file (resampled onto the CT's grid when it is
+    on another one)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from . import scene
+    from .io import read_image
+    from .volumes import volume_node_to_sitk
+
+    labelmap = read_image(path)
+    ct = volume_node_to_sitk(volume_node)
+    if (labelmap.GetSize() != ct.GetSize() or not np.allclose(labelmap.GetSpacing(), ct.GetSpacing())
+            or not np.allclose(labelmap.GetOrigin(), ct.GetOrigin()) or not np.allclose(labelmap.GetDirection(),
+                                                                                         ct.GetDirection())):
+        labelmap = sitk.Resample(labelmap, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    values = sitk.GetArrayFromImage(labelmap)
+    by_name = {_segment_name(name): value for value, name in label_names.items()}
+    missing = [name for name in wanted if name not in by_name]
+    if missing:
+        raise RecognitionError(f"{path.name}: no label named {', '.join(missing)} (give --label-names or --label "
+                               f"VALUE=NAME)")
+    kept = np.zeros(values.shape, np.uint8)
+    for index, name in enumerate(wanted):
+        kept[values == by_name[name]] = index + 1
+    return scene.add_segmentation_from_labelmap(kept, volume_node, {index + 1: name for index, name in
+                                                                    enumerate(wanted)}, f"{path.name} segments")
+
+
+def _surgery_loader(ct_path: Optional[Path], segmentation_path: Optional[Path], args):
+    """Loads (CT node, segmentation node, phantom or None): files, or the abdominal phantom and its truth."""
+    def load(scene_):
+        from . import scene
+        from .headless import module_logic as slicer_module_logic
+
+        wanted = _surgery_roles(args)[0]
+        if ct_path is None:
+            import numpy as np
+            import SimpleITK as sitk
+
+            volume_node, phantom = _phantom_loader(args.phantom_seed, args.phantom_size, args.phantom_spacing,
+                                                   "abdomen")(scene_)
+            names = {value: _segment_name(name) for value, name in phantom.label_names.items()}
+            values = sitk.GetArrayFromImage(phantom.labels)
+            kept = {value: name for value, name in names.items() if name in wanted and name != "Tumor"}
+            segmentation = scene.add_segmentation_from_labelmap(
+                np.where(np.isin(values, list(kept)), values, 0).astype(np.uint8), volume_node, kept,
+                "Phantom segments")
+            lesions = sitk.GetArrayViewFromImage(phantom.lesion_labels)
+            for tumour in phantom.tumours:  # one segment per tumour, as a radiologist would draw them
+                scene.add_segment_from_mask(segmentation, (lesions == tumour.id).astype(np.uint8), volume_node,
+                                            scene.SegmentSpec.for_structure("tumor", f"Tumour {tumour.id}"))
+            return volume_node, segmentation, phantom
+        volume_node = _file_loader(ct_path)(scene_)[0]
+        if segmentation_path.name.endswith(".seg.nrrd"):
+            segmentation = slicer_module_logic("Segmentations").LoadSegmentationFromFile(str(segmentation_path),
+                                                                                         False, "")
+            if segmentation is None:
+                raise RecognitionError(f"could not read the segmentation {segmentation_path}")
+        else:
+            segmentation = _segmentation_from_labelmap(segmentation_path, volume_node, _label_names(args), wanted)
+        return volume_node, segmentation, None
+    return load
+
+
+def _surgery_roles(args):
+    """(every wanted segment name, organ, tumours, vessels) from the role arguments."""
+    organ = _segment_name(args.organ)
+    tumours = [_segment_name(name) for name in args.tumour or ([] if args.place_tumour else ["tumour"])]
+    vessels = [_segment_name(name) for name in (args.vessel if args.vessel is not None
+                                                else ["portal_vein", "hepatic_vein"])]
+    return [organ, *tumours, *vessels], organ, tumours, vessels
+
+
+def plan_surgery_case(load_input: Callable, name: str, output_dir: Path, args, progress=None) -> dict:
+    """SurgeryPlan on one CT and its segmentation in a fresh scene: ``<name>.mrb``, ``<name>_plan.csv`` (every
+    number), ``<name>_report.png`` (3D views, numbers, warnings) and ``<name>_stl/`` (one STL per part)."""
+    import SimpleITK as sitk
+
+    from . import io, scene
+    from .headless import create_app
+    from .preprocessing import ball_mask
+    from .volumes import volume_node_to_sitk
+
+    app = create_app()
+    volume_node, segmentation, phantom = load_input(app.scene)
+    _, organ, tumours, vessels = _surgery_roles(args)
+    if phantom is not None and args.tumour is None:
+        tumours = [f"Tumour {tumour.id}" for tumour in phantom.tumours]
+    for index, sphere in enumerate(args.place_tumour or ()):
+        tumour_name = f"Placed tumour {index + 1}"
+        ball = ball_mask(volume_node_to_sitk(volume_node), sphere[:3], sphere[3])
+        scene.add_segment_from_mask(segmentation, sitk.GetArrayViewFromImage(ball), volume_node,
+                                    scene.SegmentSpec.for_structure("tumor", tumour_name))
+        tumours = tumours + [tumour_name]
+    segments = segmentation.GetSegmentation()
+
+    def segment_id(segment_name):
+        found = segments.GetSegmentIdBySegmentName(segment_name)
+        if not found:
+            available = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
+            raise RecognitionError(f"no segment named {segment_name!r}; the segmentation has {', '.join(available)}")
+        return found
+    present_vessels = [vessel for vessel in vessels
+                       if args.vessel is not None or segments.GetSegmentIdBySegmentName(vessel)]
+    outputs = module_logic("SurgeryPlan")().process(
+        volume_node, segmentation, segment_id(organ), [segment_id(tumour) for tumour in tumours],
+        [segment_id(vessel) for vessel in present_vessels], method=args.method, marginMm=args.margin_mm,
+        territoryGeneration=args.generation, flrWarningPercent=args.flr_warning_percent, progress=progress)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    logic = module_logic("SurgeryPlan")()
+    files = {"table": scene.write_table_csv(outputs.table, output_dir / f"{name}_plan.csv"),
+             "report": logic.saveReport(outputs, output_dir / f"{name}_report.png")}
+    files["stl"] = output_dir / f"{name}_stl"
+    stl_files = logic.exportSurfaces(outputs, files["stl"])
+    files["scene"] = io.save_scene(app.scene, output_dir / f"{name}.mrb")
+    summary = outputs.summary + f"\n{len(stl_files)} STL files"
+    if phantom is not None:
+        summary += "".join(f"\nTruth of tumour {truth.id}: {truth.mask_volume_ml:.2f} mL (mask), "
+                           f"{truth.diameter_mm:.1f} mm diameter" for truth in phantom.tumours)
+    app.scene.Clear(1)
+    return {"files": files, "summary": summary, "plan": outputs.plan}
+
+
+def run_surgery(args) -> int:
+    if args.segmentation and len(args.segmentation) != len(args.input or ()):
+        raise RecognitionError("give one --segmentation per --input (in the same order)")
+    if args.input and not args.segmentation:
+        raise RecognitionError("--input needs --segmentation: the organ, tumour and vessel segments of that CT")
+    from .io import default_node_name
+
+    cases = ([(default_node_name(path), _surgery_loader(Path(path), Path(segmentation), args))
+              for path, segmentation in zip(args.input, args.segmentation)] if args.input else
+             [(f"abdomen_phantom_{args.phantom_seed}", _surgery_loader(None, None, args))])
+
+    def run_case(loader, name, progress):
+        case = plan_surgery_case(loader, name, Path(args.output), args, progress)
+        return case["summary"].split("\n"), case["files"]
+    return run_batch(args, "abdomen", run_case, cases)
 
 
 def run_phantom(args) -> int:
@@ -608,6 +772,27 @@ def build_parser() -> argparse.ArgumentParser:
     organs.add_argument("--keep-holes", action="store_true", help="no hole filling")
     organs.add_argument("--device", default="auto")
     organs.set_defaults(run=run_organs)
+
+    surgery = commands.add_parser("surgery", help="SurgeryPlan: plan a tumour resection; write a .mrb scene, the plan "
+                                                  "table CSV, STL surfaces and a one-page report each")
+    _case_arguments(surgery, "abdominal (with its liver, tumour and vessels)", DEFAULT_ABDOMEN_PHANTOM_SIZE_IJK,
+                    DEFAULT_ABDOMEN_PHANTOM_SPACING_MM)
+    surgery.add_argument("--segmentation", action="append",
+                         help="for each --input: a Slicer .seg.nrrd or a labelmap (NIfTI, NRRD) with --label-names")
+    surgery.add_argument("--label-names", help="CSV of value,name rows for a labelmap (e.g. TotalSegmentator's)")
+    surgery.add_argument("--label", action="append", help="VALUE=NAME for a labelmap, e.g. 5=liver")
+    surgery.add_argument("--organ", default="liver", help="the organ segment's name (default liver)")
+    surgery.add_argument("--tumour", action="append", help="a tumour segment's name (repeat; default tumour)")
+    surgery.add_argument("--vessel", action="append", help="a vessel segment's name (repeat; default portal_vein "
+                                                           "and hepatic_vein where present)")
+    surgery.add_argument("--place-tumour", action="append", type=float, nargs=4, metavar=("X", "Y", "Z", "D"),
+                         help="add a spherical tumour of diameter D mm centred at X Y Z (LPS mm) to the segmentation "
+                              "(e.g. to rehearse on real anatomy); it replaces the default tumour name")
+    surgery.add_argument("--method", choices=("margin", "plane", "territory"), default="margin")
+    surgery.add_argument("--margin-mm", type=float, default=10.0)
+    surgery.add_argument("--generation", type=int, default=2, help="territory method: vessel branching generation")
+    surgery.add_argument("--flr-warning-percent", type=float, default=30.0)
+    surgery.set_defaults(run=run_surgery)
 
     phantom = commands.add_parser("phantom", help="write a generated CT with its ground truth (NRRD + CSV)")
     phantom.add_argument("--kind", choices=("chest", "abdomen"), default="chest")

@@ -33,7 +33,7 @@ from .volumes import volume_node_to_sitk
 TRAINING_POLL_INTERVAL_MS = 500
 
 # What the modules need beyond Slicer's own Python (which has numpy and SimpleITK); the panel offers to install them.
-PYTHON_REQUIREMENTS = {"torch": "torch>=2.8", "monai": "monai==1.6.1"}
+PYTHON_REQUIREMENTS = {"torch": "torch>=2.8", "monai": "monai==1.6.1", "matplotlib": "matplotlib>=3.8"}
 
 __all__ = ["RecognitionModule", "RecognitionModuleWidget", "RecognitionModuleLogic", "RecognitionModuleTest",
            "module_logic_class"]

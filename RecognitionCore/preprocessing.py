@@ -664,3 +664,28 @@ def _intensity_function(spec: dict):
         return image
 
     return normalise
+
+
+def ball_mask(reference: sitk.Image, center_lps_mm, diameter_mm: float) -> sitk.Image:
+    """A uint8 ball of ``diameter_mm`` around ``center_lps_mm`` on the reference grid (voxel centres inside), e.g. a
+    tumour placed to rehearse a plan; computed in the ball's box of voxels only."""
+    center = three_numbers(center_lps_mm, "center_lps_mm")
+    if not diameter_mm > 0:
+        raise InputError(f"the ball's diameter must be > 0 mm (got {diameter_mm})")
+    size_xyz = np.array(reference.GetSize())
+    center_index = np.array(reference.TransformPhysicalPointToContinuousIndex([float(v) for v in center]))
+    reach = diameter_mm / 2.0 / np.array(reference.GetSpacing()) + 1
+    low = np.clip(np.floor(center_index - reach), 0, size_xyz).astype(int)
+    high = np.clip(np.ceil(center_index + reach) + 1, 0, size_xyz).astype(int)
+    values = np.zeros(size_xyz[::-1], np.uint8)
+    if np.all(high > low):
+        index_xyz = np.indices(tuple(high - low)[::-1]).reshape(3, -1)[::-1].T + low
+        direction = np.array(reference.GetDirection()).reshape(3, 3)
+        points = np.array(reference.GetOrigin()) + (index_xyz * reference.GetSpacing()) @ direction.T
+        inside = index_xyz[np.linalg.norm(points - center, axis=1) <= diameter_mm / 2.0]
+        values[inside[:, 2], inside[:, 1], inside[:, 0]] = 1
+    if not values.any():
+        raise InputError(f"a ball of {diameter_mm:g} mm at {center.round(1).tolist()} mm (LPS) lies outside the image")
+    image = sitk.GetImageFromArray(values)
+    image.CopyInformation(reference)
+    return image

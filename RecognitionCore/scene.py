@@ -263,6 +263,7 @@ _STRUCTURE_ALIASES = {
     "right_kidney": "kidney_right", "ivc": "inferior_vena_cava", "hepatic_veins": "hepatic_vein",
     "vessels": "vessel", "blood_vessel": "vessel", "nodules": "nodule", "tumour": "tumor", "neoplasm": "tumor",
     "resection_volume": "resection", "liver_remnant": "remnant",
+    "portal_vein_and_splenic_vein": "portal_vein",  # TotalSegmentator's label
 }
 
 # Colours for segments that name no known structure, in label order.
@@ -505,6 +506,64 @@ def segment_mask(segmentation_node, segment_id: str, reference_volume_node) -> n
         labelmap, reference_grid, on_grid, False, False)
     values = numpy_support.vtk_to_numpy(on_grid.GetPointData().GetScalars()).reshape(shape)
     return (values == segment.GetLabelValue()).astype(np.uint8)
+
+
+def replace_segment_mask(segmentation_node, segment_id: str, mask_kji: np.ndarray, reference_volume_node) -> None:
+    """Replace one segment's voxels by a binary mask on the reference grid (e.g. the resected part after the
+    resection plane moved); other segments, even those sharing its labelmap layer, keep theirs."""
+    mask = _integer_labels(mask_kji, "mask")
+    _check_on_grid(mask, reference_volume_node, "mask")
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
+        raise InputError(f"The segmentation '{segmentation_node.GetName()}' has no segment with ID {segment_id!r}.")
+    if not mask.any():
+        raise InputError(f"The new mask for segment '{segment.GetName()}' is empty.")
+    labelmap = _oriented_image(mask.astype(np.uint8, copy=False), _ijk_to_ras_matrix(reference_volume_node))
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if not logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id, logic.MODE_REPLACE):
+        raise RecognitionError(f"Could not update segment '{segment.GetName()}'.")
+
+
+def segment_surface_mesh(segmentation_node, segment_id: str, max_triangles: int = 20000
+                         ) -> Tuple[np.ndarray, np.ndarray]:
+    """The segment's closed surface (as shown in 3D) as (points RAS mm (N, 3), triangles (M, 3)), decimated to about
+    ``max_triangles`` so that a report or preview can draw it quickly."""
+    if not segmentation_node.CreateClosedSurfaceRepresentation():
+        raise RecognitionError(f"Could not make the 3D surfaces of '{segmentation_node.GetName()}'.")
+    surface = segmentation_node.GetClosedSurfaceInternalRepresentation(segment_id)
+    if surface is None or surface.GetNumberOfPolys() == 0:
+        raise InputError(f"Segment {segment_id!r} of '{segmentation_node.GetName()}' has no surface.")
+    triangles = vtk.vtkTriangleFilter()
+    triangles.SetInputData(surface)
+    triangles.Update()
+    mesh = triangles.GetOutput()
+    if mesh.GetNumberOfPolys() > max_triangles:
+        decimate = vtk.vtkQuadricDecimation()
+        decimate.SetInputData(mesh)
+        decimate.SetTargetReduction(1.0 - max_triangles / mesh.GetNumberOfPolys())
+        decimate.Update()
+        mesh = decimate.GetOutput()
+    points = numpy_support.vtk_to_numpy(mesh.GetPoints().GetData()).astype(float)
+    cells = numpy_support.vtk_to_numpy(mesh.GetPolys().GetConnectivityArray()).reshape(-1, 3)
+    return points, cells.astype(np.int64)
+
+
+def export_segment_surfaces(segmentation_node, directory, file_format: str = "STL") -> List[Path]:
+    """Write each segment's closed surface to ``directory`` (STL: one file per segment; OBJ: one file with
+    materials), in LPS as Slicer writes them for 3D printing and other software; returns the files written."""
+    file_format = file_format.upper()
+    if file_format not in ("STL", "OBJ"):
+        raise InputError(f"Surfaces are exported as STL or OBJ; got {file_format!r}.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise InputError(f"The segmentation '{segmentation_node.GetName()}' has no segments to export.")
+    before = {path: path.stat().st_mtime_ns for path in directory.iterdir()}
+    logic = slicer.modules.segmentations.logic()
+    if not logic.ExportSegmentsClosedSurfaceRepresentationToFiles(str(directory), segmentation_node, None,
+                                                                  file_format, True, 1.0, False):
+        raise RecognitionError(f"Could not export the surfaces of '{segmentation_node.GetName()}' to {directory}.")
+    return sorted(path for path in directory.iterdir() if before.get(path) != path.stat().st_mtime_ns)
 
 
 # --------------------------------------------------------------------------------------------------------------------

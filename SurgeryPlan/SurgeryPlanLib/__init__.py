@@ -1,1 +1,2 @@
-"""SurgeryPlan's own methods: resection-planning geometry on plain masks (distances, margins, planes, volumetry)."""
+"""SurgeryPlan's own methods on plain masks: geometry (distances, margins, planes, volumetry), vascular territories,
+the resection plan that combines them, and its one-page report."""

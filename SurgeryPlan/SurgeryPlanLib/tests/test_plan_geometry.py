@@ -9,8 +9,8 @@ import SimpleITK as sitk
 from RecognitionCore.errors import InputError
 from RecognitionCore.phantoms import TumourSpec, make_abdomen_ct
 from RecognitionCore.testing import assert_raises
-from SurgeryPlanLib.geometry import (OrganPlaneCutter, margin_resection, plane_split, proposed_plane,
-                                     signed_distance_mm, tumour_report, volumetry)
+from SurgeryPlanLib.geometry import (OrganPlaneCutter, margin_resection, organ_with_inner_vessels, plane_split,
+                                     proposed_plane, signed_distance_mm, tumour_report, volumetry)
 
 SPACING_XYZ = (0.7, 0.7, 2.5)
 ORIGIN_LPS = (-40.0, 25.0, -100.0)
@@ -204,6 +204,25 @@ def test_proposed_plane_clears_the_margin_and_cuts_the_organ():
     tumour_x = np.broadcast_to(x, tumour_values.shape)[tumour_values]
     assert abs((tumour_x.min() - point[0]) - margin) < 0.5 * SPACING_XYZ[0] + 0.1, (tumour_x.min(), point)
     assert _count(remnant) > _count(resected)
+
+
+def test_vessel_channels_through_the_organ_count_as_organ():
+    """A segmentation that carves a 6 mm vessel out of a box organ: the channel inside the box is organ again, the
+    vessel's trunk outside the box and a vessel lying on the box's surface are not."""
+    low, high = ORGAN
+    organ_with_channel = _box(SIZE, low, high)
+    x, y, z = _grid_points(SIZE)
+    channel = np.broadcast_to((x - CENTRE[0]) ** 2 + (y - CENTRE[1]) ** 2 <= 3.0 ** 2, SIZE[::-1])  # along z
+    on_surface = np.broadcast_to((x - (high[0] + 3.5)) ** 2 + (y - CENTRE[1]) ** 2 <= 3.0 ** 2, SIZE[::-1])
+    carved = sitk.GetArrayFromImage(organ_with_channel).astype(bool) & ~channel
+    organ = _mask(carved, SIZE)
+    vessels = [_mask(channel, SIZE), _mask(on_surface, SIZE)]
+    whole = sitk.GetArrayViewFromImage(organ_with_inner_vessels(organ, vessels)) != 0
+    box_values = sitk.GetArrayViewFromImage(organ_with_channel) != 0
+    assert np.array_equal(whole, box_values), (int(whole.sum()), int(box_values.sum()))
+    plain = tumour_report(_ball(SIZE, (CENTRE[0] + 12.0, CENTRE[1], CENTRE[2]), 5.0), organ)
+    assert plain["organ_surface_distance_mm"] < 5.0  # the carved channel looks like the organ's surface
+    assert organ_with_inner_vessels(organ, []) is organ
 
 
 def test_bad_inputs_are_named():
