@@ -160,7 +160,7 @@ def test_empty_results_and_bad_input():
     empty_lung = phantom.image.TransformIndexToPhysicalPoint([int(v) for v in lung_voxels[len(lung_voxels) // 2][::-1]])
     outside = phantom.image.TransformIndexToPhysicalPoint([1, 1, 40])
     for point in (empty_lung, outside):
-        assert not sitk.GetArrayViewFromImage(segment_nodule(phantom.image, point, 6.0, lungs)).any(), point
+        assert not sitk.GetArrayFromImage(segment_nodule(phantom.image, point, 6.0, lungs)).any(), point
 
     assert_raises(InputError, segment_nodule, phantom.image, (500.0, 0.0, 0.0), 8.0, match="outside the image")
     assert_raises(InputError, segment_nodule, phantom.image, (0.0, 0.0), 8.0, match="three")
