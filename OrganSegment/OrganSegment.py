@@ -79,6 +79,7 @@ class OrganSegmentWidget(module_base.RecognitionModuleWidget):
         self.ui.fillHolesCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.smoothingSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfacesButton)
 
     def updateExtraGUIFromParameterNode(self, parameterNode):
         self.ui.methodComboBox.setCurrentText(parameterNode.GetParameter("Method"))
@@ -94,6 +95,7 @@ class OrganSegmentWidget(module_base.RecognitionModuleWidget):
         self.ui.applyButton.enabled = (parameterNode.GetNodeReference("InputVolume") is not None
                                        and self._cancelToken is None and self._trainingJob is None)
         self.ui.resultsTableView.setMRMLTableNode(parameterNode.GetNodeReference("ResultsTable"))
+        self.ui.exportSurfacesButton.enabled = parameterNode.GetNodeReference("OutputSegmentation") is not None
 
     def updateExtraParameterNodeFromGUI(self, parameterNode):
         parameterNode.SetParameter("Method", self.ui.methodComboBox.currentText)

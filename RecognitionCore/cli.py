@@ -321,8 +321,8 @@ def run_nodules(args) -> int:
 
 def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args, progress=None) -> dict:
     """OrganSegment on one CT in a fresh scene: ``<name>.mrb``, ``<name>_organs.csv`` (statistics, RAS),
-    ``<name>_labels.nii.gz`` with its label CSV, ``<name>.png`` (the organs' outlines); on a phantom also the Dice of
-    each organ the phantom's truth names."""
+    ``<name>_labels.nii.gz`` with its label CSV, ``<name>_stl/`` (or ``_obj/``: the organs' surfaces), ``<name>.png``
+    (the organs' outlines); on a phantom also the Dice of each organ the phantom's truth names."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -356,6 +356,9 @@ def segment_organs_case(load_input: Callable, name: str, output_dir: Path, args,
              "statistics": scene.write_table_csv(outputs.table, output_dir / f"{name}_organs.csv")}
     files["labels"], files["label_names"] = statistics.write_labelmap_with_csv(
         outputs.labels, outputs.label_names, output_dir / f"{name}_labels.nii.gz")
+    if args.surfaces != "none":
+        files["surfaces"] = output_dir / f"{name}_{args.surfaces}"
+        module_logic("OrganSegment").exportSurfaces(outputs.segmentation, files["surfaces"], args.surfaces.upper())
     image = volume_node_to_sitk(input_node)
     overlays = {}
     for index, (value, label_name) in enumerate(sorted(outputs.label_names.items())):
@@ -513,7 +516,7 @@ def plan_surgery_case(load_input: Callable, name: str, output_dir: Path, args, p
     files = {"table": scene.write_table_csv(outputs.table, output_dir / f"{name}_plan.csv"),
              "report": logic.saveReport(outputs, output_dir / f"{name}_report.png")}
     files["stl"] = output_dir / f"{name}_stl"
-    stl_files = logic.exportSurfaces(outputs, files["stl"])
+    stl_files = logic.exportSurfaces(outputs.segmentation, files["stl"])
     files["scene"] = io.save_scene(app.scene, output_dir / f"{name}.mrb")
     summary = outputs.summary + f"\n{len(stl_files)} STL files"
     if phantom is not None:
@@ -770,6 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     organs.add_argument("--smoothing-mm", type=float, default=0.0, help="boundary smoothing per organ (default 0)")
     organs.add_argument("--keep-all-components", action="store_true", help="no largest-component step")
     organs.add_argument("--keep-holes", action="store_true", help="no hole filling")
+    organs.add_argument("--surfaces", choices=("stl", "obj", "none"), default="stl",
+                        help="3D surfaces of the organs: one STL per organ (default), one OBJ, or none")
     organs.add_argument("--device", default="auto")
     organs.set_defaults(run=run_organs)
 

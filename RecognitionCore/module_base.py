@@ -245,6 +245,22 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
             return self.logic.describe_input_check(report)
         self.runWithProgress(checkInput)
 
+    def onExportSurfacesButton(self):
+        """Export the last result's segments (the parameter node's OutputSegmentation) as STL or OBJ files."""
+        import qt
+
+        directory = qt.QFileDialog.getExistingDirectory(None, "Folder for the surface files")
+        if not directory:
+            return
+        fileFormat = "OBJ" if self.ui.surfaceFormatComboBox.currentText == "OBJ" else "STL"
+        try:
+            files = self.logic.exportSurfaces(self._parameterNode.GetNodeReference("OutputSegmentation"), directory,
+                                              fileFormat)
+        except RecognitionError as error:
+            slicer.util.errorDisplay(str(error))
+            return
+        self.ui.statusTextEdit.setPlainText(f"{len(files)} {fileFormat} file(s) written to {directory}.")
+
     def onCancelButton(self):
         if self._cancelToken is not None:
             self._cancelToken.cancel()
@@ -343,6 +359,16 @@ class RecognitionModuleLogic(ScriptedLoadableModuleLogic):
             "warnings": list(ct_report.warnings),
             "device": device,
         }
+
+    @staticmethod
+    def exportSurfaces(segmentationNode, directory, fileFormat="STL") -> list:
+        """The 3D surface of each segment as files for 3D printing or other software (STL: one per segment, OBJ: one
+        file), in LPS millimetres; returns the files written."""
+        from . import scene
+
+        if segmentationNode is None:
+            raise InputError("There is no result segmentation to export yet.")
+        return scene.export_segment_surfaces(segmentationNode, directory, fileFormat)
 
     @staticmethod
     def describe_input_check(report: dict) -> str:

@@ -54,8 +54,8 @@ the margin: drag it in the views and the volumes follow) or territory (the organ
 that feed the tumours: a Couinaud-like resection when the portal vein is given).
 Results: a new segmentation (remnant, resection, tumours, vessels; shown in 3D), a table with every number
 (tumour size, distances to the organ surface and to each vessel, volumes, future remnant), lines between each tumour
-and its closest vessel points (red within the margin), and warnings. Export the plan to STL (3D printing) or to a
-one-page report (PNG or PDF).
+and its closest vessel points (red within the margin), and warnings. Export the plan's surfaces (STL for 3D
+printing, or OBJ) or a one-page report (PNG or PDF).
 For planning review by a qualified clinician, not a medical device.
 """
 
@@ -118,7 +118,8 @@ class SurgeryPlanWidget(module_base.RecognitionModuleWidget):
         idle = self._cancelToken is None and self._trainingJob is None
         self.ui.applyButton.enabled = idle and parameterNode.GetNodeReference("InputVolume") is not None \
             and segmentation is not None
-        self.ui.exportSurfacesButton.enabled = idle and self._outputs is not None
+        hasResult = parameterNode.GetNodeReference("OutputSegmentation") is not None
+        self.ui.exportSurfacesButton.enabled = idle and hasResult
         self.ui.saveReportButton.enabled = idle and self._outputs is not None
         self.ui.resultsTableView.setMRMLTableNode(parameterNode.GetNodeReference("ResultsTable"))
 
@@ -178,14 +179,6 @@ class SurgeryPlanWidget(module_base.RecognitionModuleWidget):
                 self.logic.updatePlane(self._outputs, self._observedPlane, updateSegments=updateSegments))
         except InputError as error:  # e.g. the plane was dragged off the organ: keep the last valid cut
             self.ui.statusTextEdit.setPlainText(str(error))
-
-    def onExportSurfacesButton(self):
-        import qt
-
-        directory = qt.QFileDialog.getExistingDirectory(None, "Folder for the STL files")
-        if directory:
-            files = self.logic.exportSurfaces(self._outputs, directory)
-            self.ui.statusTextEdit.setPlainText(f"{len(files)} STL file(s) written to {directory}.")
 
     def onSaveReportButton(self):
         import qt
@@ -388,10 +381,6 @@ class SurgeryPlanLogic(module_base.RecognitionModuleLogic):
                 scene.replace_segment_mask(outputs.segmentation, segmentId, sitk.GetArrayViewFromImage(mask),
                                            outputs.inputVolume)
         return outputs.summary
-
-    def exportSurfaces(self, outputs: SurgeryPlanOutputs, directory, fileFormat="STL") -> list:
-        """One STL (or an OBJ) per part of the plan, in LPS, for 3D printing or other planning software."""
-        return scene.export_segment_surfaces(outputs.segmentation, directory, fileFormat)
 
     def saveReport(self, outputs: SurgeryPlanOutputs, path):
         """A one-page report (PNG or PDF by ``path``'s suffix): the plan in 3D (anterior and superior views) and

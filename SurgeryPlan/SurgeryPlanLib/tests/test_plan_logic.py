@@ -203,7 +203,7 @@ def test_exports_stl_in_lps_and_a_report(app, tmp_path):
     volume, segmentation, ids = _phantom(app, "Export liver")
     logic = _logic()
     outputs = logic.process(volume, segmentation, ids["Liver"], [ids["Tumor"]], [ids["Portal vein"]], marginMm=5.0)
-    files = logic.exportSurfaces(outputs, tmp_path / "stl")
+    files = logic.exportSurfaces(outputs.segmentation, tmp_path / "stl")
     assert len(files) == 4 and all(path.suffix == ".stl" for path in files), files
     tumour_file = next(path for path in files if path.name.endswith("Tumor.stl"))
     reader = slicer.vtkMRMLModelStorageNode()  # reads STL as Slicer does (LPS file -> RAS model)
