@@ -58,6 +58,7 @@ class NoduleDetectWidget(module_base.RecognitionModuleWidget):
         self.ui.minDiameterSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
+        self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfacesButton)
         self._outputs = None
 
     def updateExtraGUIFromParameterNode(self, parameterNode):
@@ -67,6 +68,7 @@ class NoduleDetectWidget(module_base.RecognitionModuleWidget):
         self.ui.applyButton.enabled = (parameterNode.GetNodeReference("InputVolume") is not None
                                        and self._cancelToken is None and self._trainingJob is None)
         self.ui.resultsTableView.setMRMLTableNode(parameterNode.GetNodeReference("ResultsTable"))
+        self.ui.exportSurfacesButton.enabled = parameterNode.GetNodeReference("OutputSegmentation") is not None
 
     def updateExtraParameterNodeFromGUI(self, parameterNode):
         parameterNode.SetParameter("Method", self.ui.methodComboBox.currentText)
@@ -83,6 +85,7 @@ class NoduleDetectWidget(module_base.RecognitionModuleWidget):
                 parameterNode.GetParameter("Device"), progress)
             parameterNode.SetNodeReferenceID("ResultsTable", outputs.table.GetID())
             parameterNode.SetNodeReferenceID("Findings", outputs.findings.points.GetID())
+            parameterNode.SetNodeReferenceID("OutputSegmentation", outputs.segmentation.GetID())
             return outputs.summary
         self.runWithProgress(detect)
 
