@@ -270,9 +270,8 @@ def classical_labels(image, structures, progress):
     """Trunk anatomy from HU (RecognitionCore.anatomy); only the organs (lungs) are post-processed."""
     from RecognitionCore import anatomy
 
-    masks = anatomy.segment_trunk_anatomy(image, structures, progress)
-    names = {value: name for value, name in anatomy.TRUNK_LABELS.items() if name in masks}
-    return anatomy.trunk_labelmap(masks), names, [v for v, n in names.items() if n not in MULTI_PART_STRUCTURES]
+    labels, names = anatomy.segment_trunk_labelmap(image, structures, progress)
+    return labels, names, [v for v, n in names.items() if n not in MULTI_PART_STRUCTURES]
 
 
 def deep_labels(image, modelId, manifestDirs, structures, device, progress):

@@ -161,6 +161,28 @@ def segment_trunk_anatomy(image: sitk.Image, structures: Optional[Iterable[str]]
     soft tissue (which exclude lungs, airways and bones). A CT without lungs raises ``InputError`` only when a lung
     or the airways are requested; fat and soft tissue alone work on any trunk CT.
     """
+    workspace, arrays = _trunk_arrays(image, structures, progress)
+    return {name: workspace.to_input(values) for name, values in arrays.items()}
+
+
+def segment_trunk_labelmap(image: sitk.Image, structures: Optional[Iterable[str]] = None,
+                           progress: Optional[Progress] = None) -> Tuple[sitk.Image, Dict[int, str]]:
+    """The structures of ``segment_trunk_anatomy`` as one uint8 labelmap on the input grid (values of
+    ``TRUNK_LABELS``; where they overlap the later structure of ``TRUNK_STRUCTURES`` wins, a lung over the body) and
+    {value: name} of those requested. Built before the one reorientation to the input grid: faster than masks."""
+    workspace, arrays = _trunk_arrays(image, structures, progress)
+    labels = np.zeros(workspace.hu.shape, dtype=np.uint8)
+    names = {}
+    for value, name in TRUNK_LABELS.items():
+        if name in arrays:
+            labels[arrays[name]] = value
+            names[value] = name
+    return workspace.to_input(labels), names
+
+
+def _trunk_arrays(image: sitk.Image, structures: Optional[Iterable[str]], progress: Optional[Progress]
+                  ) -> Tuple["_Workspace", Dict[str, np.ndarray]]:
+    """The workspace and the requested structures as full-resolution arrays in its (LPS) voxel order."""
     names = _requested_structures(structures)
     progress = as_progress(progress)
     progress.report(0.0, "Preparing the CT")
@@ -189,26 +211,9 @@ def segment_trunk_anatomy(image: sitk.Image, structures: Optional[Iterable[str]]
         arrays["fat"], arrays["soft_tissue"] = _fat_and_soft_tissue(workspace.hu, inside, FAT_RANGE_HU,
                                                                     SOFT_TISSUE_MAX_HU)
     progress.report(0.9, "Writing the masks")
-    masks = {name: workspace.to_input(arrays[name]) for name in names}
+    requested = {name: arrays[name] for name in names}
     progress.report(1.0, "Trunk anatomy segmented")
-    return masks
-
-
-def trunk_labelmap(masks: Dict[str, sitk.Image]) -> sitk.Image:
-    """One uint8 labelmap (values of ``TRUNK_LABELS``) from masks of ``segment_trunk_anatomy``; where they overlap
-    the later structure of ``TRUNK_STRUCTURES`` wins (a lung over the body)."""
-    if not masks:
-        raise InputError("no masks to combine into a labelmap")
-    unknown = sorted(set(masks) - set(TRUNK_STRUCTURES))
-    if unknown:
-        raise InputError(f"unknown structures {unknown} (expected some of {list(TRUNK_STRUCTURES)})")
-    reference = next(iter(masks.values()))
-    labels = np.zeros(sitk.GetArrayViewFromImage(reference).shape, dtype=np.uint8)
-    for value, name in TRUNK_LABELS.items():
-        if name in masks:
-            check_same_grid(reference, masks[name], f"{name} mask")
-            labels[sitk.GetArrayViewFromImage(masks[name]) != 0] = value
-    return _mask_like(labels, reference)
+    return workspace, requested
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -229,6 +234,13 @@ class _Workspace:
         self.input = image
         self.orientation = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
         self.image = image if self.orientation == "LPS" else sitk.DICOMOrient(image, "LPS")
+        # Back to the input's voxel order: for each input array axis, the LPS array axis it runs along and whether
+        # it runs backwards (numpy views: much faster than DICOMOrient on every output mask).
+        direction = np.array(image.GetDirection()).reshape(3, 3)
+        lps_axis_of = np.argmax(np.abs(direction), axis=0)  # per input index axis (x, y, z)
+        self._to_input_axes = tuple(int(2 - lps_axis_of[2 - axis]) for axis in range(3))
+        self._to_input_flips = tuple(axis for axis in range(3)
+                                     if direction[lps_axis_of[2 - axis], 2 - axis] < 0)
         self.hu = sitk.GetArrayViewFromImage(self.image)
         factors_xyz = [max(1, min(n, int(math.ceil(working_spacing_mm / s - 0.25))))  # coarse voxels 1.5-2.5 mm
                        for n, s in zip(self.image.GetSize(), self.image.GetSpacing())]
@@ -244,11 +256,9 @@ class _Workspace:
 
     def to_input(self, mask: np.ndarray) -> sitk.Image:
         """A full-resolution (z, y, x) mask of this workspace as a uint8 image on the input grid."""
-        result = _mask_like(mask, self.image)
         if self.orientation != "LPS":
-            result = sitk.DICOMOrient(result, self.orientation)
-            result.CopyInformation(self.input)  # the same grid: the round trip only permutes and flips voxels
-        return result
+            mask = np.ascontiguousarray(np.flip(np.transpose(mask, self._to_input_axes), self._to_input_flips))
+        return _mask_like(mask, self.input)  # the same grid: the round trip only permutes and flips voxels
 
     def coarse_physical_x_mm(self, index_zyx: Sequence[float]) -> float:
         """LPS x (patient left positive) of a continuous coarse (z, y, x) index."""

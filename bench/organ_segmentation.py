@@ -66,41 +66,47 @@ def load(ct: str, reference: str, large: bool):
 
 
 def segment(method: str, image, liver) -> dict:
-    """Run ``method`` as the Logic does (segmentation + default post-processing); {"found": what it segmented}."""
-    import numpy as np
+    """Run ``method`` as the Logic does (segmentation + default post-processing): {"labels": labelmap, "names":
+    {value: name}} and, for the interactive methods, "started" (the time after placing their seeds)."""
     import SimpleITK as sitk
     from OrganSegmentLib import interactive, postprocess
 
     from RecognitionCore import anatomy
 
-    def volume_ml(mask) -> float:
-        return round(float(np.count_nonzero(sitk.GetArrayViewFromImage(mask))) * np.prod(image.GetSpacing()) / 1e3)
-
     if method == "classical":
-        masks = anatomy.segment_trunk_anatomy(image)
-        organs = [value for value, name in anatomy.TRUNK_LABELS.items() if name in ("lung_right", "lung_left")]
-        postprocess.postprocess_labels(anatomy.trunk_labelmap(masks), only=organs)
-        return {"found": {name: volume_ml(mask) for name, mask in masks.items()}}
+        labels, names = anatomy.segment_trunk_labelmap(image)
+        organs = [value for value, name in names.items() if name in ("lung_right", "lung_left")]
+        return {"labels": postprocess.postprocess_labels(labels, only=organs), "names": names}
     if method == "threshold":
         mask = postprocess.postprocess_labels(interactive.threshold_segment(image, *THRESHOLD_HU))
-        return {"found": {"thresholded_ml": volume_ml(mask)}}
+        return {"labels": mask, "names": {1: "thresholded"}}
     if method == "region growing":
         seeds = interactive.seeds_from_reference(liver, SEED_POINTS, seed=0)
         started = time.perf_counter()
         mask = postprocess.postprocess_labels(interactive.region_grow(image, seeds))
-        return {"found": {"liver_ml": volume_ml(mask)}, "started": started}
+        return {"labels": mask, "names": {1: "liver"}, "started": started}
     if method == "grow from seeds":
         scribbles = interactive.scribbles_from_reference(liver)
         started = time.perf_counter()
         labels = postprocess.postprocess_labels(interactive.grow_from_seeds(image, scribbles).labels, only=[1])
-        return {"found": {"liver_ml": volume_ml(labels == 1)}, "started": started}
+        return {"labels": labels, "names": {1: "liver"}, "started": started}
     from RecognitionCore.models import Catalogue, load_network, resolve_card
     from RecognitionCore.predict import predict_labels
 
     card = resolve_card(Catalogue().get(MODEL_ID))
     labels = predict_labels(image, card, load_network(card, device="cpu"), device="cpu")
     labels = postprocess.postprocess_labels(sitk.Cast(labels, sitk.sitkUInt8), only=[int(k) for k in card.labels])
-    return {"found": {name: volume_ml(labels == int(value)) for value, name in card.labels.items()}}
+    return {"labels": labels, "names": {int(value): name for value, name in card.labels.items()}}
+
+
+def volumes_ml(labels, names: dict) -> dict:
+    """{name: volume in mL, rounded} of each named label value (not timed)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    counts = np.bincount(sitk.GetArrayFromImage(labels).ravel(), minlength=max(names) + 1)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    return {name: round(float(counts[value]) * voxel_ml) for value, name in names.items()}
 
 
 def child(ct: str, reference: str, large: bool, method: str) -> dict:
@@ -111,7 +117,8 @@ def child(ct: str, reference: str, large: bool, method: str) -> dict:
     result = segment(method, image, liver)
     seconds = time.perf_counter() - result.pop("started", started)
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb()), "rss_before_mb": round(before),
-            "size": list(image.GetSize()), "spacing_mm": [round(s, 3) for s in image.GetSpacing()], **result}
+            "size": list(image.GetSize()), "spacing_mm": [round(s, 3) for s in image.GetSpacing()],
+            "found": volumes_ml(result["labels"], result["names"])}
 
 
 def main(argv=None) -> int:

@@ -149,10 +149,14 @@ def test_trunk_anatomy_on_the_phantom_with_progress_cancel_and_labelmap():
     lungs = anatomy.segment_lungs(phantom.image)
     assert np.array_equal(arrays["lung_right"], _array(lungs.right))
 
-    labelmap = sitk.GetArrayFromImage(anatomy.trunk_labelmap(masks))
-    value = {name: number for number, name in anatomy.TRUNK_LABELS.items()}
-    assert np.all(labelmap[arrays["lung_left"]] == value["lung_left"])
-    assert set(np.unique(labelmap)) <= {0, *anatomy.TRUNK_LABELS}
+    labelmap_image, names = anatomy.segment_trunk_labelmap(phantom.image)
+    assert names == anatomy.TRUNK_LABELS and _same_geometry(labelmap_image, phantom.image)
+    labelmap = sitk.GetArrayFromImage(labelmap_image)
+    for number, name in anatomy.TRUNK_LABELS.items():  # each structure where no later one overlaps it
+        later = [other for other in anatomy.TRUNK_STRUCTURES[anatomy.TRUNK_STRUCTURES.index(name) + 1:]]
+        alone = arrays[name] & ~np.logical_or.reduce([arrays[other] for other in later] or [np.zeros_like(fat)])
+        assert np.all(labelmap[alone] == number), name
+    assert not labelmap[~np.logical_or.reduce(list(arrays.values()))].any()
 
     only_bones = anatomy.segment_trunk_anatomy(phantom.image, ["bones"])
     assert list(only_bones) == ["bones"] and np.array_equal(_array(only_bones["bones"]), arrays["bones"])
