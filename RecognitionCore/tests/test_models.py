@@ -467,26 +467,20 @@ def test_export_refuses_what_a_bundle_cannot_hold(tmp_path):
     assert not (tmp_path / "spleen").exists() and not (tmp_path / "fixed").exists()
 
 
-def test_exported_segmentation_config_runs_in_monai(tmp_path):
-    """The inference config's own pieces (dataset, network, inferer, postprocessing) segment a NIfTI and save it."""
+def test_exported_segmentation_bundle_runs_with_monai_bundle_run(tmp_path):
+    """`monai.bundle run` (MONAI's own runner, with pytorch-ignite's evaluator) segments a NIfTI with the exported
+    bundle's config and weights, as a user of the bundle would run it."""
     import nibabel
     import numpy
-    from monai.bundle import ConfigParser
+    from monai.bundle import run
 
-    card = _saved_card(tmp_path, _tiny_network(seed=2), roi_size=[16, 16, 16])
-    bundle = export_bundle(card, tmp_path / "exported")
+    card = _saved_card(tmp_path, _tiny_network(seed=3), roi_size=[16, 16, 16])
+    bundle = export_bundle(card, tmp_path / "runnable")
     (bundle / "data").mkdir()
-    ct = numpy.random.default_rng(0).uniform(-200, 300, (20, 18, 12)).astype(numpy.float32)
-    nibabel.save(nibabel.Nifti1Image(ct, numpy.diag([1.5, 1.5, 3.0, 1.0])), str(bundle / "data" / "ct.nii.gz"))
-    parser = ConfigParser()
-    parser.read_meta(str(bundle / "configs" / "metadata.json"))
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    parser["bundle_root"] = str(bundle)
-    item = parser.get_parsed_content("dataset")[0]
-    network = parser.get_parsed_content("network").eval()
-    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
-    with torch.no_grad():
-        item["pred"] = parser.get_parsed_content("inferer")(item["image"][None], network)[0]
-    parser.get_parsed_content("postprocessing")(item)
-    saved = nibabel.load(str(bundle / "eval" / "ct_seg.nii.gz"))
+    ct = numpy.random.default_rng(1).uniform(-200, 300, (22, 18, 14)).astype(numpy.float32)
+    nibabel.save(nibabel.Nifti1Image(ct, numpy.diag([1.5, 1.5, 3.0, 1.0])), str(bundle / "data" / "case.nii.gz"))
+    run(run_id="run", meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "inference.json"), bundle_root=str(bundle))
+    saved = nibabel.load(str(bundle / "eval" / "case_seg.nii.gz"))
     assert saved.shape[:3] == ct.shape and set(numpy.unique(numpy.asarray(saved.dataobj))) <= {0, 1}
+    assert numpy.allclose(saved.affine, numpy.diag([1.5, 1.5, 3.0, 1.0]), atol=1e-4)  # back on the input grid
