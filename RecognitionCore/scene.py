@@ -638,6 +638,22 @@ def add_line(start_lps_mm, end_lps_mm, name: str, description: str = "", locked:
     return node
 
 
+def add_curve(points_lps_mm, name: str, description: str = "", locked: bool = True, scene=None):
+    """An open curve through points in LPS mm (e.g. a vessel branch's centreline); its length is shown by Slicer."""
+    scene = _scene_or_default(scene)
+    points_ras = lps_to_ras(_points_array(points_lps_mm, "points_lps_mm"))
+    if len(points_ras) < 2:
+        raise InputError(f"A curve needs at least two points; got {len(points_ras)}.")
+    with NewNodes(scene):
+        node = _add_markups_node(scene, "vtkMRMLMarkupsCurveNode", name, locked)
+        was_modifying = node.StartModify()
+        for point in points_ras:
+            node.AddControlPoint(vtk.vtkVector3d(*point))
+        node.EndModify(was_modifying)
+        node.SetDescription(description)
+    return node
+
+
 def add_plane(origin_lps_mm, normal_lps, name: str, description: str = "", locked: bool = True, scene=None):
     """A plane (e.g. a resection cut) through a point in LPS mm with a normal direction in LPS (any length)."""
     scene = _scene_or_default(scene)

@@ -204,7 +204,7 @@ class SurgeryPlanOutputs:
 
     segmentation: object
     table: object
-    lines: list        # one markups line per tumour and vessel, between their closest points
+    lines: list        # markups: a line per tumour and vessel between their closest points; curves of feeding branches
     plane: object      # the plane the plan cuts with (plane method), else None
     plan: object       # SurgeryPlanLib.plan.ResectionPlan
     inputVolume: object
@@ -321,7 +321,7 @@ class SurgeryPlanLogic(module_base.RecognitionModuleLogic):
                 scene.add_segment_from_mask(segmentation, sitk.GetArrayFromImage(mask), inputVolume, spec)
         if plan.territories is not None:
             self._addTerritories(segmentation, plan, inputVolume)
-        lines = self._addDistanceLines(plan, mrmlScene)
+        lines = self._addDistanceLines(plan, mrmlScene) + self._addFeedingBranches(plan, mrmlScene)
         plane = planeNode
         if plan.plane is not None and planeNode is None:
             plane = scene.add_plane(plan.plane.point_lps_mm, plan.plane.normal_lps, f"{volumeName} resection plane",
@@ -360,6 +360,26 @@ class SurgeryPlanLogic(module_base.RecognitionModuleLogic):
                 line.GetDisplayNode().SetSelectedColor(*(AT_RISK_COLOR_RGB if entry["at_risk"] else CLEAR_COLOR_RGB))
                 lines.append(line)
         return lines
+
+    @staticmethod
+    def _addFeedingBranches(plan, mrmlScene) -> list:
+        """Territory method: the centreline of each vessel branch that feeds a resected territory, from the
+        bifurcation it leaves (where it would be divided) to its end, as a curve."""
+        if plan.territories is None:
+            return []
+        tree = plan.territories.tree
+        curves = []
+        for territory in plan.territories.territories:
+            if territory.id not in plan.resected_territory_ids:
+                continue
+            branch = tree.branch(territory.supplying_branch_id)
+            points = np.vstack([branch.start_lps_mm, branch.centreline_lps_mm])
+            description = f"{branch.length_mm:.0f} mm, mean radius {branch.mean_radius_mm:.1f} mm"
+            curve = scene.add_curve(points, f"Branch feeding territory {territory.id}", description=description,
+                                    scene=mrmlScene)
+            curve.GetDisplayNode().SetSelectedColor(*AT_RISK_COLOR_RGB)
+            curves.append(curve)
+        return curves
 
     def updatePlane(self, outputs: SurgeryPlanOutputs, planeNode=None, updateSegments=True) -> str:
         """Re-cut a plane plan after the plane moved (``planeNode``, default the plan's plane) and refill the table;

@@ -53,7 +53,8 @@ def test_organs_batch_goes_on_after_a_bad_case(tmp_path):
     flat = tmp_path / "flat.nrrd"
     sitk.WriteImage(sitk.Image([32, 32, 8], sitk.sitkInt16), str(flat))
     status = cli.main(["organs", "--quiet", "--output", str(tmp_path / "out"), "--method", "classical",
-                       "--structures", "body", "bones", "--surfaces", "obj", "--input", str(flat), "--input", str(good)])
+                       "--structures", "body", "bones", "--surfaces", "obj",
+                       "--input", str(flat), "--input", str(good)])
     assert status == 1
     assert (tmp_path / "out" / "small.mrb").is_file() and not (tmp_path / "out" / "flat.mrb").exists()
     rows = list(csv.DictReader(open(tmp_path / "out" / "small_organs.csv")))

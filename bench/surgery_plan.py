@@ -100,7 +100,8 @@ def measure(ct_path: str, reference_path: str, large: bool) -> dict:
                                                                  [ids[3]], ids[1:3], method="plane")
     origin = np.array(outputs.plane.GetOriginWorld())
     normal = np.array(outputs.plane.GetNormalWorld())
-    for key, segments in (("plane drag: re-cut, volumes, table", False), ("plane pause: + segments, 3D surfaces", True)):
+    for key, segments in (("plane drag: re-cut, volumes, table", False),
+                          ("plane pause: + segments, 3D surfaces", True)):
         seconds = []
         for step in range(PLANE_UPDATES):
             outputs.plane.SetOriginWorld(origin - (step + 1) * normal)  # 1 mm steps away from the tumour

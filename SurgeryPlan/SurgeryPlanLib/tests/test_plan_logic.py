@@ -197,6 +197,16 @@ def test_territory_plan_on_an_abdomen_phantom(app):
                            for i in range(outputs.segmentation.GetSegmentation().GetNumberOfSegments()))
                           if segments_name.startswith("Territory")]
     assert len(territory_segments) == len(territory_ids)
+    curves = [node for node in outputs.lines if node.IsA("vtkMRMLMarkupsCurveNode")]
+    assert len(curves) == len(plan.resected_territory_ids) and all(curve.GetNumberOfControlPoints() >= 2
+                                                                    for curve in curves)
+    for curve in curves:
+        territory_id = int(curve.GetName().rsplit(" ", 1)[-1])  # "Branch feeding territory k"
+        assert territory_id in plan.resected_territory_ids
+        branch = plan.territories.tree.branch(plan.territories.territories[territory_id - 1].supplying_branch_id)
+        start = np.zeros(3)
+        curve.GetNthControlPointPositionWorld(0, start)
+        assert np.allclose(start, np.multiply(branch.start_lps_mm, (-1, -1, 1)), atol=1e-3)  # RAS of the fork
 
 
 def test_exports_stl_in_lps_and_a_report(app, tmp_path):
