@@ -379,6 +379,7 @@ class DetectionTask:
     intensity: dict
     roi_size: tuple              # (I, J, K) training patch, a multiple of the detector's size_divisible
     positive_fraction: float = 0.7   # patches centred near a nodule; the rest anywhere
+    dense_pretraining_iterations: int = 0  # from scratch: first train backbone + FPN densely (see pretrain_features)
 
 
 def _sphere_masks(shape, boxes) -> "np.ndarray":
@@ -430,6 +431,52 @@ def _detection_batches(prepared: list, task: DetectionTask, batch_size: int, see
         yield patches
 
 
+def _cells_with_nodule(masks: torch.Tensor, shape) -> torch.Tensor:
+    """(B, 1, I, J, K) nodule masks -> (B, 1, *shape): 1 where a feature-map cell holds any nodule voxel."""
+    import torch.nn.functional as F
+
+    return F.adaptive_max_pool3d(masks, tuple(shape))
+
+
+def pretrain_features(network, prepared: list, task: DetectionTask, iterations: int, learning_rate: float,
+                      batch_size: int, seed: int, device, progress: Optional[Progress] = None) -> List[float]:
+    """Dense pre-training of a detector's backbone + FPN from scratch; returns the loss of every iteration.
+
+    A 1x1x1 convolution on every FPN level predicts which cells hold nodule voxels (Dice + BCE): every cell of every
+    patch is a training signal, where the anchor heads see a few matched anchors and sampled negatives. The anchor
+    heads then start from features that already tell nodules from vessels and pleura. The probe is discarded.
+    """
+    import torch.nn.functional as F
+    from monai.losses import DiceLoss
+
+    progress = as_progress(progress)
+    network.to(device).train()
+    probe = torch.nn.Conv3d(network.feature_extractor.out_channels, 1, kernel_size=1).to(device)
+    optimizer = torch.optim.AdamW([*network.feature_extractor.parameters(), *probe.parameters()], lr=learning_rate,
+                                  weight_decay=1e-5)
+    dice = DiceLoss(sigmoid=True, batch=True)
+    batches = _detection_batches(prepared, task, batch_size, seed)
+    losses = []
+    for iteration in range(iterations):
+        progress.report(iteration / iterations, f"Dense pre-training, iteration {iteration + 1}/{iterations}")
+        patches = next(batches)
+        images = torch.stack([torch.as_tensor(patch["image"]) for patch in patches]).to(device)
+        masks = torch.stack([torch.as_tensor(patch["masks"][None], dtype=torch.float32)
+                             for patch in patches]).to(device)
+        levels = list(network.feature_extractor(images).values())
+        loss = 0.0
+        for features in levels:
+            logits, truth = probe(features), _cells_with_nodule(masks, features.shape[2:])
+            loss = loss + (dice(logits, truth) + F.binary_cross_entropy_with_logits(logits, truth)) / len(levels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if (iteration + 1) % 100 == 0:
+            logger.info("Dense pre-training iteration %d: loss %.4f", iteration + 1, sum(losses[-100:]) / 100)
+    return losses
+
+
 def detection_loss(model, patches: list, device) -> torch.Tensor:
     """The detector's training loss on a batch of patches: classification + box regression + mask."""
     images = [torch.as_tensor(patch["image"], device=device) for patch in patches]
@@ -468,7 +515,11 @@ def train_detector(task: DetectionTask, train_cases, validation_cases, output_di
                    start=None, architecture: Optional[dict] = None, resume: bool = False,
                    progress: Optional[Progress] = None):
     """Train or fine-tune the nodule detector (with its mask head); returns (network with the best weights,
-    TrainingResult, weights left at their initialisation). ``start``: a ModelCard to fine-tune, or None."""
+    TrainingResult, weights left at their initialisation). ``start``: a ModelCard to fine-tune, or None.
+
+    From scratch with ``task.dense_pretraining_iterations``, the backbone + FPN are first trained densely
+    (:func:`pretrain_features`); then, as when fine-tuning, the first ``config.freeze_stages`` backbone stages stay
+    frozen while the rest learns the boxes."""
     from functools import partial
 
     from . import networks
@@ -489,14 +540,23 @@ def train_detector(task: DetectionTask, train_cases, validation_cases, output_di
     if not any(len(case["boxes"]) for case in train):
         raise InputError("The training cases hold no nodule: a detector needs positive examples.")
     network.set_sliding_window(task.roi_size, overlap=0.25, sw_batch_size=1, device=device)
-    frozen = networks.freeze_stages(network, config.freeze_stages) if start is not None else []
+    training_progress = progress.sub(0.1, 1.0)
+    pretrained = start is None and task.dense_pretraining_iterations > 0
+    if pretrained and not (resume and (Path(output_dir) / "training" / CHECKPOINT_LAST).is_file()):
+        torch.manual_seed(config.seed)
+        pretrain_features(network, train, task, task.dense_pretraining_iterations, config.learning_rate,
+                          config.batch_size, config.seed, device, progress.sub(0.1, 0.4))
+        training_progress = progress.sub(0.4, 1.0)
+    transfer = start is not None or pretrained
+    frozen = networks.freeze_stages(network, config.freeze_stages) if transfer else []
     groups = networks.parameter_groups(network, config.learning_rate * config.backbone_lr_factor,
-                                       config.learning_rate) if start is not None else None
+                                       config.learning_rate) if transfer else None
 
-    trainer = Trainer(network, partial(detection_loss, device=device), lambda model: detection_cpm(model, validation, task.spacing_mm, device),
+    trainer = Trainer(network, partial(detection_loss, device=device),
+                      lambda model: detection_cpm(model, validation, task.spacing_mm, device),
                       lambda: _detection_batches(train, task, config.batch_size, config.seed), config,
                       Path(output_dir) / "training", device, groups, frozen,
-                      lambda: networks.unfreeze_stages(network), progress.sub(0.1, 1.0))
+                      lambda: networks.unfreeze_stages(network), training_progress)
     result = trainer.run(resume)
     return load_best_weights(network, result.output_dir), result, reinitialised
 

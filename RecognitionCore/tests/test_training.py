@@ -1,6 +1,8 @@
 """Training and fine-tuning on generated cases: the loss falls, checkpoints reload and resume, frozen stages stay as
 they were while the rest learns, and bad datasets or a full disk give clear errors."""
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -117,6 +119,28 @@ def test_detector_loss_falls_and_frozen_stages_stay(tmp_path):
     assert any(not torch.equal(before[name], value) for name, value in fine_tuned.state_dict().items()
                if name not in tuned.frozen_parameters and value.dtype.is_floating_point)
     assert tuned.start_metric == result.best_metric  # the starting model, judged on the same validation case
+
+
+def test_dense_pretraining_trains_the_features_and_then_the_heads_on_a_frozen_backbone(tmp_path):
+    cases = datasets.write_synthetic_detection_dataset(tmp_path / "chest", 2, seed=5, size_ijk=(48, 48, 32),
+                                                       spacing_mm=(6.0, 6.0, 8.0), nodules_per_case=3)
+    prepared = [datasets.prepare_detection_case(*datasets.load_detection_case(case), DETECTION.spacing_mm,
+                                                DETECTION.intensity) for case in cases[:1]]
+    torch.manual_seed(0)
+    network = networks.NoduleDetector("tiny")
+    before = {name: value.clone() for name, value in network.state_dict().items()}
+    losses = training.pretrain_features(network, prepared, DETECTION, 16, 3e-3, 2, 0, "cpu")
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+    after = network.state_dict()
+    assert not torch.equal(before["feature_extractor.body.conv1.weight"], after["feature_extractor.body.conv1.weight"])
+    assert all(torch.equal(before[name], after[name]) for name in after if "head" in name)  # only the features learn
+
+    task = dataclasses.replace(DETECTION, dense_pretraining_iterations=4)
+    _, result, _ = training.train_detector(task, cases[:1], cases[1:], tmp_path / "run",
+                                           config(max_epochs=1, iterations_per_epoch=2, freeze_stages=3),
+                                           architecture=networks.detector_architecture("tiny"))
+    body = [name for name, _ in network.named_parameters() if name.startswith("feature_extractor.body.")]
+    assert sorted(result.frozen_parameters) == sorted(body)
 
 
 def test_detector_refuses_a_dataset_without_nodules(tmp_path):
