@@ -124,7 +124,7 @@ def test_catalogue_lookup_override_and_manifest_errors(tmp_path):
          "bundle": {"name": "spleen_ct_segmentation", "dir": "bundles/spleen"}, "licence": "Apache-2.0"}]}))
     catalogue = Catalogue.with_user_manifests([tmp_path])
     assert "user_unet" in catalogue.ids(task="segmentation")
-    assert catalogue.ids(task="detection") == ["lung_nodule_ct_detection"]
+    assert catalogue.ids(task="detection") == ["lung_nodule_ct_detection", "mir_lung_nodule_retinanet"]
     assert catalogue.get("spleen_ct_segmentation").title == "My spleen"
     assert catalogue.get("user_unet").base_dir == tmp_path
     error = assert_raises(ModelError, catalogue.get, "livr", match="Unknown model 'livr'")
@@ -144,7 +144,7 @@ def test_catalogue_lookup_override_and_manifest_errors(tmp_path):
 def test_shipped_catalogue_points_at_zoo_bundles_without_urls(tmp_path):
     catalogue = Catalogue()
     zoo_bundles = ["lung_nodule_ct_detection", "spleen_ct_segmentation", "wholeBody_ct_segmentation"]
-    assert catalogue.ids() == sorted(zoo_bundles + ["mir_abdomen_organs_unet"])
+    assert catalogue.ids() == sorted(zoo_bundles + ["mir_abdomen_organs_unet", "mir_lung_nodule_retinanet"])
     assert not any((catalogue.get(model_id).weights or {}).get("url") for model_id in catalogue.ids())  # no downloads
     for model_id in zoo_bundles:
         card = catalogue.get(model_id)
@@ -153,12 +153,14 @@ def test_shipped_catalogue_points_at_zoo_bundles_without_urls(tmp_path):
                       match=f"python -m monai.bundle download {model_id}")
 
 
-def test_shipped_default_model_loads_verified_and_states_how_it_was_made():
-    card = Catalogue().get("mir_abdomen_organs_unet")
-    network = load_network(card)  # SHA-256 checked against the card
-    assert sum(p.numel() for p in network.parameters()) > 100_000
-    assert card.training["data"] and card.metrics["validation (best)"] > 0.5
-    assert any("TotalSegmentator" in key for key in card.metrics)  # measured on the real case too
+def test_shipped_default_models_load_verified_and_state_how_they_were_made():
+    for model_id, real_case, min_validation in (("mir_abdomen_organs_unet", "TotalSegmentator", 0.5),
+                                                ("mir_lung_nodule_retinanet", "LIDC", 0.1)):
+        card = Catalogue().get(model_id)
+        network = load_network(card)  # SHA-256 checked against the card
+        assert sum(p.numel() for p in network.parameters()) > 100_000, model_id
+        assert card.training["data"] and card.metrics["validation (best)"] > min_validation, model_id
+        assert any(real_case in key for key in card.metrics), model_id  # measured on the real cases too
 
 
 def test_local_weights_are_checked_against_sha256(tmp_path):
