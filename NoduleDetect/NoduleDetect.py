@@ -56,19 +56,13 @@ class NoduleDetectWidget(module_base.RecognitionModuleWidget):
         self.ui.methodComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.confidenceSliderWidget.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
         self.ui.minDiameterSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
-        self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfacesButton)
         self._outputs = None
 
     def updateExtraGUIFromParameterNode(self, parameterNode):
         self.ui.methodComboBox.setCurrentText(parameterNode.GetParameter("Method"))
         self.ui.confidenceSliderWidget.value = float(parameterNode.GetParameter("MinConfidence"))
         self.ui.minDiameterSpinBox.value = float(parameterNode.GetParameter("MinDiameterMm"))
-        self.ui.applyButton.enabled = (parameterNode.GetNodeReference("InputVolume") is not None
-                                       and self._cancelToken is None and self._trainingJob is None)
-        self.ui.resultsTableView.setMRMLTableNode(parameterNode.GetNodeReference("ResultsTable"))
-        self.ui.exportSurfacesButton.enabled = parameterNode.GetNodeReference("OutputSegmentation") is not None
 
     def updateExtraParameterNodeFromGUI(self, parameterNode):
         parameterNode.SetParameter("Method", self.ui.methodComboBox.currentText)

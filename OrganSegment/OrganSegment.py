@@ -78,8 +78,6 @@ class OrganSegmentWidget(module_base.RecognitionModuleWidget):
         self.ui.largestComponentCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.fillHolesCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.smoothingSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfacesButton)
 
     def updateExtraGUIFromParameterNode(self, parameterNode):
         self.ui.methodComboBox.setCurrentText(parameterNode.GetParameter("Method"))
@@ -92,10 +90,6 @@ class OrganSegmentWidget(module_base.RecognitionModuleWidget):
         self.ui.largestComponentCheckBox.checked = parameterNode.GetParameter("LargestComponent") == "true"
         self.ui.fillHolesCheckBox.checked = parameterNode.GetParameter("FillHoles") == "true"
         self.ui.smoothingSpinBox.value = float(parameterNode.GetParameter("SmoothingMm"))
-        self.ui.applyButton.enabled = (parameterNode.GetNodeReference("InputVolume") is not None
-                                       and self._cancelToken is None and self._trainingJob is None)
-        self.ui.resultsTableView.setMRMLTableNode(parameterNode.GetNodeReference("ResultsTable"))
-        self.ui.exportSurfacesButton.enabled = parameterNode.GetNodeReference("OutputSegmentation") is not None
 
     def updateExtraParameterNodeFromGUI(self, parameterNode):
         parameterNode.SetParameter("Method", self.ui.methodComboBox.currentText)

@@ -100,7 +100,9 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.inputSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.checkInputButton.connect("clicked(bool)", self.onCheckInputButton)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfacesButton)
         self.setupTraining()
 
         self.initializeParameterNode()
@@ -162,8 +164,11 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self.ui.inputSelector.setCurrentNode(inputVolume)
         self.ui.deviceComboBox.setCurrentText(self._parameterNode.GetParameter("Device"))
         self.updateExtraGUIFromParameterNode(self._parameterNode)
-        training = self._trainingJob is not None
-        running = self._cancelToken is not None or training
+        running = self.isRunning()
+        self.ui.applyButton.enabled = self.readyToApply(self._parameterNode) and not running
+        self.ui.resultsTableView.setMRMLTableNode(self._parameterNode.GetNodeReference("ResultsTable"))
+        self.ui.exportSurfacesButton.enabled = (self._parameterNode.GetNodeReference("OutputSegmentation") is not None
+                                                and not running)
         self.ui.checkInputButton.enabled = inputVolume is not None and not running
         self.ui.trainButton.enabled = not running
         self.ui.checkInputButton.toolTip = "Check the input volume." if inputVolume else "Select an input volume."
@@ -178,6 +183,18 @@ class RecognitionModuleWidget(ScriptedLoadableModuleWidget, VTKObservationMixin)
         self._parameterNode.SetParameter("Device", self.ui.deviceComboBox.currentText)
         self.updateExtraParameterNodeFromGUI(self._parameterNode)
         self._parameterNode.EndModify(wasModified)
+
+    def isRunning(self) -> bool:
+        """A run or a training job is under way (the buttons that start work are disabled meanwhile)."""
+        return self._cancelToken is not None or self._trainingJob is not None
+
+    def readyToApply(self, parameterNode) -> bool:
+        """The module's inputs are selected: an input volume by default."""
+        return parameterNode.GetNodeReference("InputVolume") is not None
+
+    def onApplyButton(self):
+        """Run the module's Logic on the parameter node's inputs (each module defines it)."""
+        raise NotImplementedError
 
     def updateExtraGUIFromParameterNode(self, parameterNode):
         """Show the module's own parameters (their widgets' signals are ignored meanwhile); none by default."""

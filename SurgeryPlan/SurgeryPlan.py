@@ -89,8 +89,6 @@ class SurgeryPlanWidget(module_base.RecognitionModuleWidget):
         self.ui.planeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.territoryGenerationSpinBox.connect("valueChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.flrWarningSpinBox.connect("valueChanged(double)", self.updateParameterNodeFromGUI)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.exportSurfacesButton.connect("clicked(bool)", self.onExportSurfacesButton)
         self.ui.saveReportButton.connect("clicked(bool)", self.onSaveReportButton)
 
     def cleanup(self):
@@ -115,13 +113,11 @@ class SurgeryPlanWidget(module_base.RecognitionModuleWidget):
         self.ui.planeSelector.setCurrentNode(parameterNode.GetNodeReference("ResectionPlane"))
         self.ui.territoryGenerationSpinBox.value = int(parameterNode.GetParameter("TerritoryGeneration"))
         self.ui.flrWarningSpinBox.value = float(parameterNode.GetParameter("FlrWarningPercent"))
-        idle = self._cancelToken is None and self._trainingJob is None
-        self.ui.applyButton.enabled = idle and parameterNode.GetNodeReference("InputVolume") is not None \
-            and segmentation is not None
-        hasResult = parameterNode.GetNodeReference("OutputSegmentation") is not None
-        self.ui.exportSurfacesButton.enabled = idle and hasResult
-        self.ui.saveReportButton.enabled = idle and self._outputs is not None
-        self.ui.resultsTableView.setMRMLTableNode(parameterNode.GetNodeReference("ResultsTable"))
+        self.ui.saveReportButton.enabled = self._outputs is not None and not self.isRunning()
+
+    def readyToApply(self, parameterNode) -> bool:
+        return (module_base.RecognitionModuleWidget.readyToApply(self, parameterNode)
+                and parameterNode.GetNodeReference("InputSegmentation") is not None)
 
     def updateExtraParameterNodeFromGUI(self, parameterNode):
         parameterNode.SetNodeReferenceID("InputSegmentation", self.ui.segmentationSelector.currentNodeID)
