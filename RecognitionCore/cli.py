@@ -410,14 +410,11 @@ def _segmentation_from_labelmap(path: Path, volume_node, label_names: dict, want
 
     from . import scene
     from .io import read_image
+    from .preprocessing import resample_to_reference
     from .volumes import volume_node_to_sitk
 
-    labelmap = read_image(path)
-    ct = volume_node_to_sitk(volume_node)
-    if (labelmap.GetSize() != ct.GetSize() or not np.allclose(labelmap.GetSpacing(), ct.GetSpacing())
-            or not np.allclose(labelmap.GetOrigin(), ct.GetOrigin()) or not np.allclose(labelmap.GetDirection(),
-                                                                                         ct.GetDirection())):
-        labelmap = sitk.Resample(labelmap, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    # nearest-neighbour resampling is the identity on the CT's own grid
+    labelmap = resample_to_reference(read_image(path), volume_node_to_sitk(volume_node), "nearest", default_value=0)
     values = sitk.GetArrayFromImage(labelmap)
     by_name = {_segment_name(name): value for value, name in label_names.items()}
     missing = [name for name in wanted if name not in by_name]

@@ -42,6 +42,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def large_grid(image):
+    """An empty image of ``LARGE_SIZE_IJK`` voxels over ``image``'s field of view (also used by the SurgeryPlan
+    benchmark)."""
+    import SimpleITK as sitk
+
+    grid = sitk.Image(list(LARGE_SIZE_IJK), sitk.sitkInt16)
+    grid.SetSpacing([spacing * size / new for spacing, size, new in
+                     zip(image.GetSpacing(), image.GetSize(), LARGE_SIZE_IJK)])
+    # the same field of view: voxel centres move by half the change of spacing
+    grid.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(
+        [0.5 * new_spacing / spacing - 0.5 for spacing, new_spacing in zip(image.GetSpacing(), grid.GetSpacing())]))
+    grid.SetDirection(image.GetDirection())
+    return grid
+
+
 def load(ct: str, reference: str, large: bool):
     """(CT in HU as int16, reference liver mask) on the CT's own grid or resampled to ``LARGE_SIZE_IJK``."""
     import SimpleITK as sitk
@@ -52,14 +67,7 @@ def load(ct: str, reference: str, large: bool):
     image = sitk.Cast(read_image(ct), sitk.sitkInt16)
     liver = sitk.Cast(sitk.ReadImage(reference) == TOTALSEGMENTATOR_LIVER, sitk.sitkUInt8)
     if large:
-        grid = sitk.Image(list(LARGE_SIZE_IJK), sitk.sitkInt16)
-        grid.SetSpacing([spacing * size / new for spacing, size, new in
-                         zip(image.GetSpacing(), image.GetSize(), LARGE_SIZE_IJK)])
-        # the same field of view: voxel centres move by half the change of spacing
-        grid.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(
-            [0.5 * new_spacing / spacing - 0.5 for spacing, new_spacing in
-             zip(image.GetSpacing(), grid.GetSpacing())]))
-        grid.SetDirection(image.GetDirection())
+        grid = large_grid(image)
         image = sitk.Cast(resample_to_reference(image, grid, "linear"), sitk.sitkInt16)
         liver = resample_to_reference(liver, grid, "nearest", default_value=0)
     return image, liver

@@ -28,7 +28,6 @@ sys.path[:0] = [str(REPO), str(REPO / "SurgeryPlan")]
 EXAMPLE = REPO.parent / "shared" / "data" / "totalsegmentator"
 LABELS = {"liver": 5, "inferior_vena_cava": 63, "portal_vein_and_splenic_vein": 64}  # labels_total.csv
 TUMOUR_CENTRE_LPS_MM, TUMOUR_DIAMETER_MM = (-98.0, -164.3, 394.3), 30.0  # deepest point of the right liver
-LARGE_SIZE_IJK = (512, 512, 300)
 PLANE_UPDATES = 5
 GOALS = {"plan_resection (margin) total": 5.0, "plane drag: re-cut, volumes, table": 0.2}
 
@@ -38,21 +37,17 @@ def peak_rss_mb() -> float:
 
 
 def load(ct_path: str, reference_path: str, large: bool):
-    """(CT, {structure: mask}, tumour mask) on the example's grid or resampled to ``LARGE_SIZE_IJK``."""
+    """(CT, {structure: mask}, tumour mask) on the example's grid or resampled to 512 x 512 x 300."""
     import SimpleITK as sitk
 
+    from organ_segmentation import large_grid
     from RecognitionCore.io import read_image
     from RecognitionCore.preprocessing import ball_mask
 
     image = sitk.Cast(read_image(ct_path), sitk.sitkInt16)
     labels = sitk.ReadImage(reference_path)
     if large:
-        grid = sitk.Image(list(LARGE_SIZE_IJK), sitk.sitkInt16)
-        grid.SetSpacing([spacing * size / new for spacing, size, new in
-                         zip(image.GetSpacing(), image.GetSize(), LARGE_SIZE_IJK)])
-        grid.SetOrigin(image.TransformContinuousIndexToPhysicalPoint(
-            [0.5 * new_spacing / spacing - 0.5 for spacing, new_spacing in zip(image.GetSpacing(), grid.GetSpacing())]))
-        grid.SetDirection(image.GetDirection())
+        grid = large_grid(image)
         image = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, -1024)
         labels = sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     masks = {name: sitk.Cast(labels == value, sitk.sitkUInt8) for name, value in LABELS.items()}

@@ -18,9 +18,9 @@ from RecognitionCore.errors import InputError
 from RecognitionCore.preprocessing import check_same_grid, three_numbers
 from RecognitionCore.progress import as_progress
 from SurgeryPlanLib.geometry import (DEFAULT_FLR_WARNING_PERCENT, OrganPlaneCutter, _boundary_zyx, _index_zyx_to_lps,
-                                     _mask_array, _organ_region, _unit_normal, _voxel_volume_ml, margin_resection,
-                                     organ_with_inner_vessels,
-                                     proposed_plane, tumour_report, volumetry, volumetry_from_volumes)
+                                     _mask_array, _organ_region, _to_mask_image, _unit_normal, _voxel_volume_ml,
+                                     margin_resection, organ_with_inner_vessels, proposed_plane, tumour_report,
+                                     volumetry, volumetry_from_volumes)
 
 METHODS = ("margin", "plane", "territory")
 DEFAULT_MARGIN_MM = 10.0
@@ -46,7 +46,7 @@ class PlaneResection:
     def __init__(self, organ: sitk.Image, tumour: sitk.Image,
                  flr_warning_percent: float = DEFAULT_FLR_WARNING_PERCENT):
         tumour_values, organ_values = _organ_region(tumour, organ)
-        self.cutter = OrganPlaneCutter(_mask_like(organ_values, organ))
+        self.cutter = OrganPlaneCutter(_to_mask_image(organ_values, organ))
         self.tumour = tumour
         self._tumour_points_lps = _index_zyx_to_lps(organ, _boundary_zyx(tumour_values))
         self._voxel_ml = _voxel_volume_ml(organ)
@@ -108,12 +108,6 @@ class ResectionPlan:
         self.volumetry = cut.volumetry
 
 
-def _mask_like(values: np.ndarray, reference: sitk.Image) -> sitk.Image:
-    image = sitk.GetImageFromArray(values.astype(np.uint8))
-    image.CopyInformation(reference)
-    return image
-
-
 def union_of(masks: Mapping[str, sitk.Image], what: str) -> sitk.Image:
     """The union of named masks on one grid (InputError when there are none, one is empty or off the grid)."""
     if not masks:
@@ -124,7 +118,7 @@ def union_of(masks: Mapping[str, sitk.Image], what: str) -> sitk.Image:
     for name in names:
         check_same_grid(reference, masks[name], f"{name} mask")
         values |= _mask_array(masks[name], name)
-    return _mask_like(values, reference)
+    return _to_mask_image(values, reference)
 
 
 def risk_warnings(reports: Mapping[str, dict]) -> List[str]:
@@ -178,7 +172,7 @@ def plan_resection(organ: sitk.Image, tumours: Mapping[str, sitk.Image],
     for name, vessel in vessels.items():
         check_same_grid(organ, vessel, f"{name} mask")
     _, organ_values = _organ_region(tumour_union, organ)
-    whole_organ = organ_with_inner_vessels(_mask_like(organ_values, organ), list(vessels.values()))
+    whole_organ = organ_with_inner_vessels(_to_mask_image(organ_values, organ), list(vessels.values()))
     organ_values = sitk.GetArrayFromImage(whole_organ) != 0
     progress.report(0.0, "Measuring the tumours and their vessel distances")
     reports = {}
@@ -198,7 +192,7 @@ def plan_resection(organ: sitk.Image, tumours: Mapping[str, sitk.Image],
             resected = _territory_resection(plan, tumour_union, vessels, territory_vessel, territory_generation,
                                             progress.sub(0.4, 0.9))
         plan.resected = resected
-        plan.remnant = _mask_like(organ_values & (sitk.GetArrayViewFromImage(resected) == 0), organ)
+        plan.remnant = _to_mask_image(organ_values & (sitk.GetArrayViewFromImage(resected) == 0), organ)
         plan.volumetry = volumetry(whole_organ, tumour_union, resected, flr_warning_percent)
     progress.report(1.0, "Resection plan ready")
     return plan
