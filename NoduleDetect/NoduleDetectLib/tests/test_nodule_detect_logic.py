@@ -167,3 +167,47 @@ def test_a_ct_with_only_the_lung_bases_runs_and_says_what_it_saw(app, shared_dat
     assert 20 < lungs.right_volume_ml < 300 and 20 < lungs.left_volume_ml < 300, lungs
     assert "no trachea" in outputs.summary
     assert outputs.table.GetNumberOfRows() == len(outputs.result.nodules)
+
+
+def test_deep_candidates_skip_windows_without_lung_and_keep_the_boxes_of_the_whole_lung_box():
+    """A lung mask with a gap (as after a resection): the detector's windows in the gap are not run, and the boxes
+    in the lungs are those of a run over the whole lung box, strongest first."""
+    import torch
+
+    from RecognitionCore import networks
+    from RecognitionCore.models import ModelCard
+    from RecognitionCore.predict import predict_nodules
+    from RecognitionCore.preprocessing import bounding_box, crop
+
+    phantom = chest_phantom()
+    lungs = np.isin(sitk.GetArrayFromImage(phantom.labels), (2, 3))  # CHEST_LABELS lung_right, lung_left
+    lungs[24:52] = False  # 84 mm without lung: whole windows (48 mm high) fall in it
+    lungs_mask = sitk.GetImageFromArray(lungs.astype(np.uint8))
+    lungs_mask.CopyInformation(phantom.image)
+    # An untrained tiny detector with spread logits, without NMS and caps (so boxes outside the lungs cannot change
+    # which boxes inside are kept), its boxes equal to their anchors.
+    torch.manual_seed(0)
+    network = networks.NoduleDetector.build({"config": "tiny", "score_thresh": 0.99, "nms_thresh": 1.0,
+                                             "topk_candidates_per_level": 100000,
+                                             "detections_per_image": 100000}).eval()
+    torch.nn.init.normal_(network.classification_head.cls_logits.weight, std=0.3)
+    torch.nn.init.zeros_(network.regression_head.bbox_reg.weight)
+    card = ModelCard(id="spread", title="spread", task="detection", labels={0: "nodule"}, spacing_mm=(3.0, 3.0, 3.0),
+                     intensity={"type": "window", "hu_min": -1024, "hu_max": 300}, roi_size=(32, 32, 16))
+    windows = []
+    hook = network.feature_extractor.register_forward_pre_hook(lambda module, inputs: windows.append(len(inputs[0])))
+    box = bounding_box(lungs_mask, detection.LUNG_BOX_MARGIN_MM)
+    whole_box = predict_nodules(crop(phantom.image, box), card, network, device="cpu")
+    windows_whole_box = sum(windows)
+    windows.clear()
+    found = detection.deep_candidates(phantom.image, lungs_mask, card, network, device="cpu")
+    hook.remove()
+    assert sum(windows) < windows_whole_box, (sum(windows), windows_whole_box)
+    in_lungs = [row for row in whole_box if lungs_mask[lungs_mask.TransformPhysicalPointToIndex(row[0])]]
+    assert len(found) >= 3 and np.allclose(found[0].center_lps_mm, in_lungs[0][0], atol=1e-3), (found, in_lungs)
+    position = 0  # the candidates are the whole-box boxes in the lungs, in order, some of them left out
+    for candidate in found:
+        while position < len(in_lungs) and not np.allclose(in_lungs[position][0], candidate.center_lps_mm, atol=1e-3):
+            position += 1
+        assert position < len(in_lungs), candidate.center_lps_mm
+        assert abs(in_lungs[position][2] - candidate.confidence) < 1e-4, (in_lungs[position], candidate.confidence)
