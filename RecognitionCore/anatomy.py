@@ -578,22 +578,31 @@ def _centroid_x_mm(workspace: _Workspace, mask: np.ndarray) -> float:
     return workspace.coarse_physical_x_mm(centroid)
 
 
-def _close_and_fill(mask: np.ndarray, spacing_zyx: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Closing by a ball of ``radius_mm`` (exact Euclidean distances in mm), then 3D hole filling; computed on the
-    mask's bounding box padded by the radius, so the image border does not stop the dilation."""
-    if not mask.any():
-        return mask
+def close_with_ball(mask: np.ndarray, spacing_zyx: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Morphological closing of a (z, y, x) mask by a ball of ``radius_mm`` (exact Euclidean distances in mm, so
+    anisotropic voxels are handled); computed on the mask's bounding box padded by the radius, so the image border
+    does not stop the dilation."""
+    if not mask.any() or radius_mm <= 0:
+        return mask.copy()
     box = _bounding_box(mask)
     margin = [int(math.ceil(radius_mm / s)) + 1 for s in spacing_zyx]
     padded = np.pad(mask[box], [(m, m) for m in margin])
-    if radius_mm > 0:
-        dilated = _distance_mm(padded, spacing_zyx) <= radius_mm
-        padded = _distance_mm(~dilated, spacing_zyx) > radius_mm
-    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(padded.astype(np.uint8)), fullyConnected=False)
-    inner = tuple(slice(m, m + s.stop - s.start) for m, s in zip(margin, box))
+    dilated = _distance_mm(padded, spacing_zyx) <= radius_mm
+    closed = _distance_mm(~dilated, spacing_zyx) > radius_mm
     result = np.zeros_like(mask)
-    result[box] = sitk.GetArrayViewFromImage(filled)[inner] != 0
+    result[box] = closed[tuple(slice(m, m + s.stop - s.start) for m, s in zip(margin, box))]
     return result
+
+
+def _close_and_fill(mask: np.ndarray, spacing_zyx: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Closing by a ball of ``radius_mm``, then 3D hole filling (within the bounding box: a hole lies inside it)."""
+    closed = close_with_ball(mask, spacing_zyx, radius_mm)
+    if not closed.any():
+        return closed
+    box = _bounding_box(closed, margin=1)
+    filled = sitk.BinaryFillhole(sitk.GetImageFromArray(closed[box].astype(np.uint8)), fullyConnected=False)
+    closed[box] = sitk.GetArrayViewFromImage(filled) != 0
+    return closed
 
 
 def _distance_mm(mask: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:

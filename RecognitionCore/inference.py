@@ -102,9 +102,12 @@ def _chunk_planes(plane_shape: Sequence[int]) -> int:
     return max(_CHUNK_VOXELS // (int(plane_shape[0]) * int(plane_shape[1])), 1)
 
 
-def _scan_interval(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> Tuple[int, ...]:
-    """Step between windows, as MONAI computes it (a whole-axis ROI does not slide)."""
-    return tuple(roi if roi == size else max(int(roi * (1 - overlap)), 1) for size, roi in zip(image_size, roi_size))
+def window_slices(image_size: Sequence[int], roi_size: Sequence[int], overlap: float) -> List[Tuple[slice, ...]]:
+    """The windows of MONAI's ``sliding_window_inference`` over an image of ``image_size`` (at least ``roi_size``):
+    MONAI's step between windows (a whole-axis ROI does not slide) and its ``dense_patch_slices``."""
+    interval = tuple(roi if roi == size else max(int(roi * (1 - overlap)), 1)
+                     for size, roi in zip(image_size, roi_size))
+    return list(dense_patch_slices(tuple(image_size), tuple(roi_size), interval))
 
 
 def _output_array(shape: Tuple[int, ...], dtype, memmap: Optional[bool], memmap_dir: Optional[str]) -> np.ndarray:
@@ -311,8 +314,7 @@ class SlidingWindowRunner:
         image = _as_channel_first(volume)
         padding = _roi_padding(image.shape[1:], self.roi_size)
         padded_shape = tuple(size + lead + trail for size, (lead, trail) in zip(image.shape[1:], padding))
-        windows = dense_patch_slices(padded_shape, self.roi_size,
-                                     _scan_interval(padded_shape, self.roi_size, self.overlap))
+        windows = window_slices(padded_shape, self.roi_size, self.overlap)
         importance = compute_importance_map(self.roi_size, mode=self.blend_mode, sigma_scale=self.sigma_scale,
                                             device=self.device, dtype=torch.float32)[None]
         progress.report(0.0, f"Sliding window: {len(windows)} windows of {self.roi_size} on {self.device.type}")

@@ -15,8 +15,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, ModelError
-from .inference import SlidingWindowRunner
-from .preprocessing import check_same_grid, preprocess_for_model, restore_to_input
+from .inference import SlidingWindowRunner, window_slices
+from .preprocessing import check_same_grid, preprocess_for_model, resample_to_reference, restore_to_input
 from .progress import Progress, as_progress
 
 NETWORK_ORIENTATION = "RAS"  # the axis directions of the (I, J, K) array a network receives
@@ -144,8 +144,7 @@ def _detector_input(image: sitk.Image, card, progress: Progress):
 def _mask_on_grid(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """``mask`` on the grid of ``reference``: every reference voxel that a mask voxel reaches into (linear
     interpolation above zero), so that thin parts of the mask are not lost on a coarser grid."""
-    fraction = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
-    return fraction > 0
+    return resample_to_reference(sitk.Cast(mask != 0, sitk.sitkFloat32), reference, "linear", default_value=0.0) > 0
 
 
 def _detector_images(network, array: np.ndarray, device):
@@ -155,14 +154,6 @@ def _detector_images(network, array: np.ndarray, device):
     from monai.apps.detection.utils.detector_utils import preprocess_images
 
     return preprocess_images([torch.as_tensor(array[None], device=device)], 3, network.size_divisible)
-
-
-def _window_slices(shape, roi_size, overlap: float = DETECTION_OVERLAP) -> list:
-    """The windows of MONAI's ``sliding_window_inference`` over an image of ``shape`` (at least ``roi_size``)."""
-    from monai.data.utils import dense_patch_slices
-
-    interval = [r if r == n else max(int(r * (1 - overlap)), 1) for n, r in zip(shape, roi_size)]
-    return list(dense_patch_slices(tuple(shape), tuple(roi_size), interval))
 
 
 def _windowed_head_outputs(network, images, image_size, roi_size, windows_per_pass: int,
@@ -183,7 +174,7 @@ def _windowed_head_outputs(network, images, image_size, roi_size, windows_per_pa
         roi_size = tuple(shape)
     pads = [(max(r - n, 0) // 2, max(r - n, 0) - max(r - n, 0) // 2) for n, r in zip(shape, roi_size)]
     padded = F.pad(images, [v for pad in reversed(pads) for v in pad])
-    windows = _window_slices(padded.shape[2:], roi_size)
+    windows = window_slices(padded.shape[2:], roi_size, DETECTION_OVERLAP)
     skipped = ""
     if region is not None:
         grown = np.zeros(padded.shape[2:], dtype=bool)

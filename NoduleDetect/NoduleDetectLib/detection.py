@@ -23,7 +23,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from RecognitionCore.anatomy import LungSegmentation, segment_lungs
+from RecognitionCore.anatomy import LungSegmentation, close_with_ball, segment_lungs
 from RecognitionCore.errors import InputError, ModelError
 from RecognitionCore.preprocessing import bounding_box, crop, validate_ct
 from RecognitionCore.progress import Progress, as_progress
@@ -121,38 +121,23 @@ def lung_mask(lungs: LungSegmentation) -> sitk.Image:
 
 def _pleural_bumps(side: np.ndarray, spacing_zyx: np.ndarray) -> Tuple[Tuple[slice, ...], np.ndarray]:
     """(box, mask in it) of what closing one lung (a non-empty (z, y, x) mask) by a ball of
-    ``PLEURAL_CLOSING_RADIUS_MM`` adds to it.
+    ``PLEURAL_CLOSING_RADIUS_MM`` adds to it; the closing stays within the lung's bounding box.
 
     The closing runs on blocks of about ``PLEURAL_CLOSING_BLOCK_MM`` (a block is lung when at least half of its voxels
-    are; exact distances in mm), which keeps it to a fraction of a second. Blocks next to an added one in the same
-    slice are added too, so that a small nodule in a block that is mostly lung is not left out.
+    are), which keeps it to a fraction of a second. Blocks next to an added one in the same slice are added too, so
+    that a small nodule in a block that is mostly lung is not left out.
     """
     factors = np.maximum(np.rint(PLEURAL_CLOSING_BLOCK_MM / spacing_zyx), 1).astype(int)
-    reach = np.ceil(PLEURAL_CLOSING_RADIUS_MM / (factors * spacing_zyx)).astype(int) + 1
     first, last = np.array([np.flatnonzero(side.any(axis=other))[[0, -1]]
                             for other in ((1, 2), (0, 2), (0, 1))]).T
-    low = np.maximum(first // factors - reach, 0) * factors
-    high = np.minimum((last // factors + reach + 1) * factors, side.shape)
-    box = tuple(slice(a, b) for a, b in zip(low, high))
-    blocks = np.pad(_block_fraction(side[box], factors) >= 0.5, [(r, r) for r in reach])
-    block_mm = factors * spacing_zyx
-    dilated = _distance_mm(blocks, block_mm) <= PLEURAL_CLOSING_RADIUS_MM
-    closed = _distance_mm(~dilated, block_mm) > PLEURAL_CLOSING_RADIUS_MM
+    low = first // factors * factors  # whole blocks, so that they repeat back onto the voxels
+    box = tuple(slice(a, b + 1) for a, b in zip(low, last))
+    blocks = _block_fraction(side[box], factors) >= 0.5
+    closed = close_with_ball(blocks, factors * spacing_zyx, PLEURAL_CLOSING_RADIUS_MM)
     added = ndimage.binary_dilation(closed & ~blocks, np.ones((1, 3, 3), bool)) & closed
-    added = added[tuple(slice(r, -r) for r in reach)]
     for axis, factor in enumerate(factors):
         added = np.repeat(added, factor, axis=axis)
-    return box, added[tuple(slice(0, b - a) for a, b in zip(low, high))]
-
-
-def _distance_mm(mask: np.ndarray, spacing_zyx: np.ndarray) -> np.ndarray:
-    """Euclidean distance in mm from each voxel to the nearest set voxel of ``mask`` (0 on it); Maurer's exact
-    transform, several times faster than scipy's on a lung."""
-    image = sitk.GetImageFromArray(mask.view(np.uint8))
-    image.SetSpacing([float(v) for v in spacing_zyx[::-1]])
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
-    return np.maximum(sitk.GetArrayViewFromImage(distance), 0.0)
+    return box, added[tuple(slice(0, b - a + 1) for a, b in zip(low, last))]
 
 
 def _block_fraction(mask: np.ndarray, factors: np.ndarray) -> np.ndarray:
@@ -365,10 +350,8 @@ def merge_candidates(scored: Sequence[ScoredCandidate]) -> List[Tuple[ScoredCand
 
 
 def _same_finding(first: ScoredCandidate, second: ScoredCandidate) -> bool:
-    radius = max(first.diameter_mm, second.diameter_mm, 2 * MERGE_MIN_RADIUS_MM) / 2
-    if np.linalg.norm(np.subtract(first.center_lps_mm, second.center_lps_mm)) < radius:
-        return True
-    return (_inside_mask(second.mask, first.center_lps_mm) or _inside_mask(first.mask, second.center_lps_mm)
+    return (_folded_into(first.center_lps_mm, first.diameter_mm, second)
+            or _inside_mask(first.mask, second.center_lps_mm)
             or _mask_overlap(first.mask, second.mask) >= MERGE_MIN_MASK_OVERLAP)
 
 
