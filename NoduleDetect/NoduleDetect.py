@@ -2,9 +2,10 @@
 
 One click finds nodules: each becomes a labelled point (N1..Nk), a box, a 3D segment and a row of the results table
 (size, volume, mean HU, type, lung, Lung-RADS size band, confidence). Methods: classical (lungs from HU, multi-scale
-Hessian blob candidates, a random forest on hand-made features: works offline on any CT), deep (a RetinaNet-style
-detection model of the catalogue) or both. The pipeline is in NoduleDetectLib (plain images, no MRML); the Logic
-writes its result into the scene. Logic and Test are Qt-free, so they also run outside the Slicer application.
+Hessian blob candidates scored by a small 3D CNN and a random forest on hand-made features, both shipped: works
+offline on any CT), deep (a RetinaNet-style detection model of the catalogue) or both. The pipeline is in
+NoduleDetectLib (plain images, no MRML); the Logic writes its result into the scene. Logic and Test are Qt-free, so
+they also run outside the Slicer application.
 """
 
 import importlib.util

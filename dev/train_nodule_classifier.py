@@ -1,12 +1,12 @@
-"""Train the two random forests that score NoduleDetect's classical candidates, on generated chest phantoms only
-(fixed seeds), and write them as JSON beside the module (NoduleDetect/Resources/Models/).
+"""Train the two scorers of NoduleDetect's classical candidates, on generated chest phantoms only (fixed seeds), and
+write them beside the module (NoduleDetect/Resources/Models/): the candidate CNN (.pt) and the random forest (JSON).
 
-    .venv/bin/python dev/train_nodule_classifier.py [--prefilter-cases 12] [--cases 16]
+    .venv/bin/python dev/train_nodule_classifier.py [--network-cases 48] [--cases 32]
 
-Stage 1 (the prefilter, on the blob filter's own measures) learns from every candidate of its phantoms; stage 2 (the
-forest, on the features of each segmented candidate) learns from the candidates the trained prefilter keeps on other
+Stage 1 (the CNN, on the CT around each candidate) learns from every candidate of its phantoms; stage 2 (the
+forest, on the features of each segmented candidate) learns from the candidates the trained CNN keeps on other
 phantoms, as the pipeline sees them. A candidate is a positive when its centre lies within the radius of a true
-nodule (the LUNA16 hit rule). Out-of-bag metrics and the training description are stored in each JSON.
+nodule (the LUNA16 hit rule). The training description is stored in each file, and the forest's out-of-bag metrics.
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ from RecognitionCore.anatomy import segment_lungs  # noqa: E402
 from RecognitionCore.phantoms import make_chest_ct  # noqa: E402
 from NoduleDetectLib import detection  # noqa: E402
 from NoduleDetectLib.classifier import train_forest  # noqa: E402
+from NoduleDetectLib.patch_classifier import candidate_patches, train_patch_network  # noqa: E402
 
 # Phantoms on a grid like a clinical chest CT's in-plane resolution, with thick slices, 3-30 mm nodules of every
 # type and location (make_chest_ct cycles them).
 PHANTOM_GRID = dict(size_ijk=(320, 320, 120), spacing_mm=(1.1, 1.1, 2.5))
 NODULES_PER_CASE = 6
-PREFILTER_FIRST_SEED, FOREST_FIRST_SEED = 5000, 5100  # the evaluation set starts at 7000
+NETWORK_FIRST_SEED, FOREST_FIRST_SEED = 5000, 5100  # the evaluation set starts at 7000
 
 
 def phantom_candidates(seed: int):
@@ -48,30 +49,33 @@ def describe(hits) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prefilter-cases", type=int, default=12)
-    parser.add_argument("--cases", type=int, default=16, help="phantoms for the second forest")
+    parser.add_argument("--network-cases", type=int, default=48)
+    parser.add_argument("--iterations", type=int, default=1500, help="CNN training steps of 64 patches")
+    parser.add_argument("--cases", type=int, default=32, help="phantoms for the forest")
     parser.add_argument("--output-dir", type=Path, default=detection.MODELS_DIR)
     args = parser.parse_args(argv)
     started = time.time()
     grid = f"{NODULES_PER_CASE} nodules of 3-30 mm each, {PHANTOM_GRID}"
 
-    rows, labels = [], []
-    for seed in range(PREFILTER_FIRST_SEED, PREFILTER_FIRST_SEED + args.prefilter_cases):
-        _, _, candidates, hits = phantom_candidates(seed)
-        rows.append(detection.prefilter_rows(candidates))
-        labels += hits.any(axis=1).astype(int).tolist()
-        print(f"prefilter seed {seed}: {len(candidates)} candidates, {describe(hits)} ({time.time() - started:.0f} s)",
+    patches, labels = [], []
+    for seed in range(NETWORK_FIRST_SEED, NETWORK_FIRST_SEED + args.network_cases):
+        phantom, _, candidates, hits = phantom_candidates(seed)
+        patches.append(candidate_patches(phantom.image, [c.center_lps_mm for c in candidates]))
+        labels += hits.any(axis=1).tolist()
+        print(f"network seed {seed}: {len(candidates)} candidates, {describe(hits)} ({time.time() - started:.0f} s)",
               flush=True)
-    prefilter = train_forest(np.concatenate(rows), np.array(labels), detection.PREFILTER_FEATURES,
-                             description=f"{args.prefilter_cases} generated chest phantoms (seeds "
-                                         f"{PREFILTER_FIRST_SEED}+, {grid}); every candidate of the blob filter")
-    prefilter.to_json(args.output_dir / detection.DEFAULT_PREFILTER.name)
+    network = train_patch_network(np.concatenate(patches), labels, iterations=args.iterations,
+                                  description=f"{args.network_cases} generated chest phantoms (seeds "
+                                              f"{NETWORK_FIRST_SEED}+, {grid}); every candidate of the blob filter")
+    del patches
+    network.save(args.output_dir / detection.DEFAULT_PATCH_CLASSIFIER.name)
+    print(f"network trained ({time.time() - started:.0f} s)", flush=True)
 
     features, labels, reached, total = [], [], 0, 0
     for seed in range(FOREST_FIRST_SEED, FOREST_FIRST_SEED + args.cases):
         phantom, lungs, candidates, hits = phantom_candidates(seed)
-        kept = np.argsort(-prefilter.predict_proba(detection.prefilter_rows(candidates)),
-                          kind="stable")[:detection.MAX_SEGMENTED_CANDIDATES]
+        likelihood = network.predict_proba(candidate_patches(phantom.image, [c.center_lps_mm for c in candidates]))
+        kept = np.argsort(-likelihood, kind="stable")[:detection.MAX_SEGMENTED_CANDIDATES]
         described = detection.describe_candidates(phantom.image, lungs, [candidates[i] for i in kept])
         features += [row.features for row in described]
         labels += hits[kept].any(axis=1).astype(int).tolist()
@@ -81,10 +85,9 @@ def main(argv=None) -> int:
               f"({time.time() - started:.0f} s)", flush=True)
     forest = train_forest(np.stack(features), np.array(labels),
                           description=f"{args.cases} generated chest phantoms (seeds {FOREST_FIRST_SEED}+, {grid}); "
-                                      f"the candidates the prefilter keeps ({reached} of {total} nodules reached)")
+                                      f"the candidates the CNN keeps ({reached} of {total} nodules reached)")
     forest.to_json(args.output_dir / detection.DEFAULT_CLASSIFIER.name)
-    for name, model in (("prefilter", prefilter), ("forest", forest)):
-        print(f"{name}: {model.metadata['metrics']}")
+    print(f"forest: {forest.metadata['metrics']}")
     print(f"done in {time.time() - started:.0f} s")
     return 0
 

@@ -3,10 +3,11 @@ per nodule -> merged, scored findings. No MRML here: the module's Logic writes t
 command line into files.
 
 Classical path: multi-scale Hessian dot candidates in the lungs (``candidates.py``) with a low threshold, so that
-faint and small nodules are among them; a first random forest on the blob filter's own measures keeps the most
-nodule-like (segmenting every candidate would cost ~0.1 s each); each of those is segmented (``nodules.py``) and
-described by hand-made features (``features.py``) that a second forest turns into a nodule probability (both
-forests: ``classifier.py``, shipped as JSON). Deep path: a detection model of the catalogue (the MONAI model zoo's
+faint and small nodules are among them; a small 3D CNN scores every one from the CT around it
+(``patch_classifier.py``) and the most nodule-like are kept (segmenting every candidate would cost ~0.1 s each); each
+of those is segmented (``nodules.py``) and described by hand-made features (``features.py``) that a random forest
+turns into a nodule probability (``classifier.py``, shipped as JSON); the confidence is the product of the
+network's and the forest's probabilities. Deep path: a detection model of the catalogue (the MONAI model zoo's
 ``lung_nodule_ct_detection`` bundle or a model trained with this project) run only inside the lung bounding box;
 each box is segmented by the same region growing. Both: findings closer than their radius are merged, keeping the
 higher confidence.
@@ -15,7 +16,7 @@ higher confidence.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -32,12 +33,12 @@ from .candidates import Candidate, find_candidates
 from .classifier import ForestModel
 from .features import candidate_features
 from .nodules import NoduleMeasurement, measure_nodule, segment_nodule
+from .patch_classifier import PatchClassifier, candidate_patches
 
 METHODS = ("classical", "deep", "both")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-DEFAULT_PREFILTER = MODELS_DIR / "nodule_candidate_prefilter.json"
+DEFAULT_PATCH_CLASSIFIER = MODELS_DIR / "nodule_candidate_cnn.pt"
 DEFAULT_CLASSIFIER = MODELS_DIR / "nodule_candidate_forest.json"
-PREFILTER_FEATURES = ("blob_score", "scale_mm", "line_score", "roundness", "center_hu")
 CANDIDATE_MIN_BLOB_SCORE = 12.0  # a 4 mm ground-glass nodule scores ~15; the filter's own default (20) misses it
 MAX_SEGMENTED_CANDIDATES = 200
 # The model zoo bundle when the user has it (python -m monai.bundle download --name lung_nodule_ct_detection), else
@@ -48,6 +49,7 @@ FEATURE_MARGIN_MM = 5.0         # context around a candidate's mask for the shel
 LUNG_BOX_MARGIN_MM = 10.0
 MERGE_MIN_RADIUS_MM = 3.0
 MERGE_MIN_MASK_OVERLAP = 0.3
+EXTENT_MIN_CONFIDENCE = 0.25  # a classical candidate that both the CNN and the forest give 0.5
 PLEURAL_CLOSING_RADIUS_MM = 15.0  # juxta-pleural nodules up to 30 mm wide join the searched lungs
 PLEURAL_CLOSING_BLOCK_MM = 1.5
 
@@ -150,19 +152,15 @@ def _block_fraction(mask: np.ndarray, factors: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CandidateClassifier:
-    """The two forests of the classical path: ``prefilter`` on the blob filter's measures (``PREFILTER_FEATURES``),
-    ``forest`` on the features of each segmented candidate (``features.FEATURE_NAMES``)."""
+    """The two scorers of the classical path: ``network`` on the CT around every candidate, ``forest`` on the
+    features of each segmented candidate (``features.FEATURE_NAMES``)."""
 
-    prefilter: ForestModel
+    network: PatchClassifier
     forest: ForestModel
 
     @classmethod
-    def load(cls, prefilter_path=DEFAULT_PREFILTER, forest_path=DEFAULT_CLASSIFIER) -> "CandidateClassifier":
-        return cls(ForestModel.from_json(prefilter_path, PREFILTER_FEATURES), ForestModel.from_json(forest_path))
-
-
-def prefilter_rows(candidates: Sequence[Candidate]) -> np.ndarray:
-    return np.array([[getattr(c, name) for name in PREFILTER_FEATURES] for c in candidates], dtype=np.float32)
+    def load(cls, network_path=DEFAULT_PATCH_CLASSIFIER, forest_path=DEFAULT_CLASSIFIER) -> "CandidateClassifier":
+        return cls(PatchClassifier.load(network_path), ForestModel.from_json(forest_path))
 
 
 def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence: float = 0.5,
@@ -224,18 +222,19 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
 
 def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: CandidateClassifier,
                          min_diameter_mm: float = 3.0, progress: Optional[Progress] = None) -> List[ScoredCandidate]:
-    """Blob candidates in the lungs; the ``MAX_SEGMENTED_CANDIDATES`` most nodule-like by the prefilter are
-    segmented, described by their features and scored by the forest."""
+    """Blob candidates in the lungs, each scored by the network; the ``MAX_SEGMENTED_CANDIDATES`` most
+    nodule-like are segmented, described by their features and scored by the forest. Confidence: the product of the
+    two probabilities (a finding needs both)."""
     progress = as_progress(progress)
-    candidates = blob_candidates(image, lungs_mask, min_diameter_mm, progress.sub(0.0, 0.4))
-    if len(candidates) > MAX_SEGMENTED_CANDIDATES:
-        likelihood = classifier.prefilter.predict_proba(prefilter_rows(candidates))
-        candidates = [candidates[i] for i in np.argsort(-likelihood, kind="stable")[:MAX_SEGMENTED_CANDIDATES]]
-    scored = describe_candidates(image, lungs_mask, candidates, progress.sub(0.4, 0.95))
+    candidates = blob_candidates(image, lungs_mask, min_diameter_mm, progress.sub(0.0, 0.35))
+    network_probability = classifier.network.predict_proba(
+        candidate_patches(image, [c.center_lps_mm for c in candidates]), progress.sub(0.35, 0.45))
+    kept = np.argsort(-network_probability, kind="stable")[:MAX_SEGMENTED_CANDIDATES]
+    scored = describe_candidates(image, lungs_mask, [candidates[i] for i in kept], progress.sub(0.45, 0.95))
     if scored:
-        probabilities = classifier.forest.predict_proba(np.stack([row.features for row in scored]))
-        for row, probability in zip(scored, probabilities):
-            row.confidence = float(probability)
+        forest_probability = classifier.forest.predict_proba(np.stack([row.features for row in scored]))
+        for row, network_p, forest_p in zip(scored, network_probability[kept], forest_probability):
+            row.confidence = float(network_p * forest_p)
     progress.report(1.0, f"{len(scored)} candidates scored")
     return scored
 
@@ -335,18 +334,29 @@ def merge_candidates(scored: Sequence[ScoredCandidate]) -> List[Tuple[ScoredCand
     """Non-maximum suppression across methods: from the most confident down, a candidate is merged into a kept one
     when either centre lies within the other's radius or inside the other's mask, or when their masks share at least
     ``MERGE_MIN_MASK_OVERLAP`` of the smaller one (several blob scales and boxes fall on one large or lobulated
-    nodule); returns (kept, methods)."""
+    nodule); returns (kept, methods).
+
+    The finding keeps the highest confidence, and the largest mask (with its centre and size) among its candidates
+    of at least ``EXTENT_MIN_CONFIDENCE``: candidates on one mass segment parts of it, and the report must measure
+    the whole mass, not its most confident part. Below that confidence a larger mask is more likely a leak.
+    """
     kept: List[Tuple[ScoredCandidate, set]] = []
     for candidate in sorted(scored, key=lambda row: -row.confidence):
         if not sitk.GetArrayViewFromImage(candidate.mask).any():
             continue  # nothing brighter than the lung at the centre
-        for other, methods in kept:
+        for number, (other, methods) in enumerate(kept):
             if _same_finding(candidate, other):
                 methods.add(candidate.method)
+                if candidate.confidence >= EXTENT_MIN_CONFIDENCE and _voxels(candidate.mask) > _voxels(other.mask):
+                    kept[number] = (replace(candidate, confidence=other.confidence), methods)
                 break
         else:
             kept.append((candidate, {candidate.method}))
     return [(candidate, tuple(sorted(methods))) for candidate, methods in kept]
+
+
+def _voxels(mask: sitk.Image) -> int:
+    return int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
 
 
 def _same_finding(first: ScoredCandidate, second: ScoredCandidate) -> bool:
@@ -365,8 +375,7 @@ def _mask_overlap(first: sitk.Image, second: sitk.Image) -> float:
     a = sitk.GetArrayViewFromImage(first)[low[2]:high[2], low[1]:high[1], low[0]:high[0]] != 0
     b = sitk.GetArrayViewFromImage(second)[low[2] - offset[2]:high[2] - offset[2], low[1] - offset[1]:high[1] - offset[1],
                                            low[0] - offset[0]:high[0] - offset[0]] != 0
-    smaller = min(np.count_nonzero(sitk.GetArrayViewFromImage(first)),
-                  np.count_nonzero(sitk.GetArrayViewFromImage(second)))
+    smaller = min(_voxels(first), _voxels(second))
     return float(np.count_nonzero(a & b)) / max(smaller, 1)
 
 

@@ -93,7 +93,7 @@ def test_errors_and_cancel_leave_no_nodes_and_the_input_untouched(app):
     assert _fingerprint(volume) == before
 
 
-def test_merge_keeps_the_most_confident_of_overlapping_findings():
+def test_merge_keeps_the_most_confident_of_overlapping_findings_and_the_whole_mass():
     def candidate(center, diameter, confidence, method):
         """A one-voxel mask at ``center`` (1 mm grid)."""
         mask = sitk.Image([3, 3, 3], sitk.sitkUInt8)
@@ -121,6 +121,15 @@ def test_merge_keeps_the_most_confident_of_overlapping_findings():
     assert len(detection.merge_candidates(overlapping)) == 2
     piece.SetOrigin((22.0, 22.0, 22.0))  # 8 of 10 per axis: 512 of 1000 shared
     assert len(detection.merge_candidates(overlapping)) == 1
+    # a confident part of a mass: the finding keeps its confidence and takes the mass's extent, unless the mass's
+    # own confidence is below EXTENT_MIN_CONFIDENCE
+    for mass_confidence, expected_voxels in ((0.3, 20 ** 3), (0.2, 1)):
+        part_of_mass = [candidate((15, 15, 15), 4.0, 0.95, "classical"),
+                        detection.ScoredCandidate((20, 20, 20), 30.0, mass_confidence, "deep", large)]
+        [(finding, methods)] = detection.merge_candidates(part_of_mass)
+        assert finding.confidence == 0.95 and methods == ("classical", "deep")
+        assert np.count_nonzero(sitk.GetArrayViewFromImage(finding.mask)) == expected_voxels
+        assert finding.center_lps_mm == ((20, 20, 20) if expected_voxels > 1 else (15, 15, 15))
 
 
 def test_deep_method_runs_a_user_catalogue_detector_inside_the_lungs(app, tmp_path):
