@@ -74,8 +74,7 @@ def main(argv=None) -> int:
     features, labels, reached, total = [], [], 0, 0
     for seed in range(FOREST_FIRST_SEED, FOREST_FIRST_SEED + args.cases):
         phantom, lungs, candidates, hits = phantom_candidates(seed)
-        likelihood = network.predict_proba(candidate_patches(phantom.image, [c.center_lps_mm for c in candidates]))
-        kept = np.argsort(-likelihood, kind="stable")[:detection.MAX_SEGMENTED_CANDIDATES]
+        kept, _ = detection.rank_by_network(phantom.image, candidates, network)
         described = detection.describe_candidates(phantom.image, lungs, [candidates[i] for i in kept])
         features += [row.features for row in described]
         labels += hits[kept].any(axis=1).astype(int).tolist()

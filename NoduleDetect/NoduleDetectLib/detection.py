@@ -227,9 +227,7 @@ def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: 
     two probabilities (a finding needs both)."""
     progress = as_progress(progress)
     candidates = blob_candidates(image, lungs_mask, min_diameter_mm, progress.sub(0.0, 0.35))
-    network_probability = classifier.network.predict_proba(
-        candidate_patches(image, [c.center_lps_mm for c in candidates]), progress.sub(0.35, 0.45))
-    kept = np.argsort(-network_probability, kind="stable")[:MAX_SEGMENTED_CANDIDATES]
+    kept, network_probability = rank_by_network(image, candidates, classifier.network, progress.sub(0.35, 0.45))
     scored = describe_candidates(image, lungs_mask, [candidates[i] for i in kept], progress.sub(0.45, 0.95))
     if scored:
         forest_probability = classifier.forest.predict_proba(np.stack([row.features for row in scored]))
@@ -237,6 +235,14 @@ def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: 
             row.confidence = float(network_p * forest_p)
     progress.report(1.0, f"{len(scored)} candidates scored")
     return scored
+
+
+def rank_by_network(image: sitk.Image, candidates: Sequence[Candidate], network: PatchClassifier,
+                    progress: Optional[Progress] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(indices of the ``MAX_SEGMENTED_CANDIDATES`` candidates the network scores highest, best first; the network's
+    probability of every candidate): the candidates the pipeline segments, and the forest is trained on."""
+    probability = network.predict_proba(candidate_patches(image, [c.center_lps_mm for c in candidates]), progress)
+    return np.argsort(-probability, kind="stable")[:MAX_SEGMENTED_CANDIDATES], probability
 
 
 def blob_candidates(image: sitk.Image, lungs_mask: sitk.Image, min_diameter_mm: float = 3.0,
