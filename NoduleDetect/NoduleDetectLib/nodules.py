@@ -3,11 +3,13 @@
 Segmentation works on a small isotropic copy of the region around the centre. A generous cut just above the lung
 background finds the nodule; its solid tissue (above -300 HU) and the ground glass around it (beyond the blurred rim
 of solid tissue) then choose the level of the final half-maximum cut: the solid tissue's for a solid nodule (about
--400 HU), the ground glass's for a part-solid or ground-glass one (about -730 HU for ground glass at -600 HU). Each
-cut keeps the connected component at the centre after an opening by a ball of 0.3 expected diameters, which detaches
-vessels (what it shaves off within one input pixel comes back), within the lung mask (closed locally so that a
-juxta-pleural nodule stays inside it), which keeps the chest wall out. Back on the input grid, a voxel belongs to the
-nodule when it is above the final threshold and the isotropic mask covers a quarter of it at least.
+-400 HU), the ground glass's for a part-solid or ground-glass one (about -730 HU for ground glass at -600 HU). When
+the solid level leaves nothing at the centre, the solid tissue was a neighbour's (the chest wall beside a small
+ground-glass nodule): the ground glass beyond that tissue's blurred rim sets the level, and the cut stays out of the
+rim. Each cut keeps the connected component at the centre after an opening by a ball of 0.3 expected diameters,
+which detaches vessels (what it shaves off within one input pixel comes back), within the lung mask (closed locally
+so that a juxta-pleural nodule stays inside it), which keeps the chest wall out. Back on the input grid, a voxel
+belongs to the nodule when it is above the final threshold and the isotropic mask covers a quarter of it at least.
 
 Measurements follow the input grid and its physical geometry: volume from the voxel count, Feret diameters (longest
 in-plane on the axial slices with the perpendicular one, and in 3D), HU statistics, the solid component and the type.
@@ -207,13 +209,13 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
     def half_maximum(level_hu: float) -> float:
         return background_hu + 0.5 * max(level_hu - background_hu, MIN_CONTRAST_HU)
 
-    def cut(threshold_hu: float, diameter_mm: float) -> np.ndarray:
+    def cut(threshold_hu: float, diameter_mm: float, within: np.ndarray = allowed) -> np.ndarray:
         opening_mm = min(OPENING_DIAMETER_FRACTION * diameter_mm, MAX_OPENING_MM)
-        return _opened_component_at(values > threshold_hu, allowed, core, opening_mm, spacing_mm,
+        return _opened_component_at(values > threshold_hu, within, core, opening_mm, spacing_mm,
                                     restore_mm=min(native_spacing_mm))
 
-    def final_cut(threshold_hu: float) -> Tuple[np.ndarray, float]:
-        return cut(threshold_hu, diameter_mm), threshold_hu
+    def final_cut(threshold_hu: float, within: np.ndarray = allowed) -> Tuple[np.ndarray, float]:
+        return cut(threshold_hu, diameter_mm, within), threshold_hu
 
     # a first cut with half the opening tells the size when the hint is too large (the opening would erase the
     # nodule); the halo and the vessels it keeps only make it larger, so a hint too small stays in charge
@@ -230,15 +232,30 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
         return final_cut(half_maximum(float(np.percentile(values[generous], 75))))
     ground_glass = _ground_glass(generous, solid_tissue, spacing_mm, native_spacing_mm)
     if ground_glass is None:
-        return final_cut(half_maximum(max(float(np.percentile(values[generous], 95)), SOFT_TISSUE_HU)))
+        nodule, threshold_hu = final_cut(half_maximum(max(float(np.percentile(values[generous], 95)),
+                                                          SOFT_TISSUE_HU)))
+        if nodule.any():
+            return nodule, threshold_hu
+        # nothing at the centre reaches the solid level: the solid tissue in the cut is a neighbour's (the chest
+        # wall beside a juxta-pleural ground-glass nodule, a vessel), and the nodule is the ground glass beyond its rim
+        beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
+        if not (generous & beyond_rim).any():
+            return nodule, threshold_hu
+        return final_cut(half_maximum(float(np.percentile(values[generous & beyond_rim], 75))), allowed & beyond_rim)
     return final_cut(half_maximum(float(np.percentile(values[ground_glass], 75))))
+
+
+def _beyond_solid_rim(solid_tissue: np.ndarray, spacing_mm: float, native_spacing_mm: Sequence[float]) -> np.ndarray:
+    """Voxels farther than PARTIAL_VOLUME_RIM_VOXELS input voxels from solid tissue (whose blur brightens its rim)."""
+    native = np.asarray(native_spacing_mm, dtype=float)[::-1]  # z, y, x like the arrays
+    return ndimage.distance_transform_edt(~solid_tissue, sampling=spacing_mm / native) > PARTIAL_VOLUME_RIM_VOXELS
 
 
 def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, spacing_mm: float,
                   native_spacing_mm: Sequence[float]) -> Optional[np.ndarray]:
-    """The ground glass in the generous cut: what lies beyond PARTIAL_VOLUME_RIM_VOXELS input voxels from solid tissue
-    (the nodule's, the vessels', the chest wall's); None when there is too little of it to be more than the blurred
-    rim of a solid nodule.
+    """The ground glass in the generous cut: what lies beyond the rim of solid tissue (the nodule's, the vessels',
+    the chest wall's: ``_beyond_solid_rim``); None when there is too little of it to be more than the blurred rim of
+    a solid nodule.
 
     Only the slices through the middle of the solid part (at least half its largest cross-section) decide, where a
     ground-glass rim is widest and the slice thickness blurs least. A nodule that is small altogether (generous cut
@@ -247,11 +264,9 @@ def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, spacing_mm: fl
     voxel_mm3 = spacing_mm ** 3
     if _equivalent_diameter_mm(np.count_nonzero(generous) * voxel_mm3) < SMALL_NODULE_MM:
         return None
-    native = np.asarray(native_spacing_mm, dtype=float)[::-1]  # z, y, x like the arrays
-    ground_glass = generous & (ndimage.distance_transform_edt(~solid_tissue, sampling=spacing_mm / native)
-                               > PARTIAL_VOLUME_RIM_VOXELS)
+    ground_glass = generous & _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
     solid = generous & solid_tissue
-    axis = int(np.argmax(native))
+    axis = int(np.argmax(native_spacing_mm[::-1]))
     area = solid.sum(axis=tuple(a for a in range(3) if a != axis))
     middle = np.flatnonzero(area >= 0.5 * area.max())
     slab = [slice(None)] * 3

@@ -1,14 +1,16 @@
 """Per-nodule segmentation and measurements: phantom nodules (solid, ground glass, juxta-pleural, juxta-vascular)
-against their drawn truth, also on a flipped grid and with a wrong size hint; exact answers on synthetic balls
-(diameters, shape, solid component, type); the Lung-RADS size bands at their edges; bad input; LIDC-IDRI-0001."""
+against their drawn truth, also on a flipped grid and with a wrong size hint; small ground glass on the chest wall;
+exact answers on synthetic balls (diameters, shape, solid component, type); the Lung-RADS size bands at their edges;
+bad input; LIDC-IDRI-0001."""
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from NoduleDetectLib.nodules import (LUNG_RADS_NOTE, NoduleMeasurement, lung_rads_size_category, measure_nodule,
-                                     segment_nodule)
+from NoduleDetectLib.nodules import (LUNG_RADS_NOTE, SOLID_HU, NoduleMeasurement, lung_rads_size_category,
+                                     measure_nodule, segment_nodule)
 from RecognitionCore.errors import InputError
+from RecognitionCore.phantoms import NoduleSpec, make_chest_ct
 from RecognitionCore.preprocessing import resample_to_reference
 from RecognitionCore.testing import assert_raises
 
@@ -66,6 +68,26 @@ def test_a_wrong_size_hint_and_a_flipped_grid_give_the_same_nodule():
                 mask = segment_nodule(phantom.image, nodule.center_lps_mm, factor * nodule.diameter_mm, lungs)
                 _check_against_truth(nodule, measure_nodule(phantom.image, mask))
     assert chest_phantom(FLIP_X).image.GetDirection() == FLIP_X
+
+
+def test_small_juxta_pleural_ground_glass_is_segmented_without_the_chest_wall():
+    """The chest wall beside a small ground-glass nodule puts solid tissue into the first cut; a cut at the solid
+    level then leaves nothing at the centre (the mask was empty before). The nodule is the ground glass beyond the
+    wall's rim."""
+    phantom = make_chest_ct((192, 192, 80), VOXEL_MM, seed=5, nodules=[NoduleSpec(5.0, "ground-glass", "juxta-pleural"),
+                                                                     NoduleSpec(7.0, "ground-glass", "juxta-pleural")])
+    lungs = phantom_lung_mask(phantom)
+    truth = sitk.GetArrayViewFromImage(phantom.lesion_labels)
+    for nodule in phantom.nodules:
+        mask = segment_nodule(phantom.image, nodule.center_lps_mm, nodule.diameter_mm, lungs)
+        measurement = measure_nodule(phantom.image, mask)
+        full = sitk.GetArrayFromImage(resample_to_reference(mask, phantom.image, "nearest")) != 0
+        assert full.any() and sitk.GetArrayViewFromImage(phantom.image)[full].max() < SOLID_HU, nodule
+        drawn = truth == nodule.id
+        assert 2.0 * np.count_nonzero(full & drawn) / (np.count_nonzero(full) + np.count_nonzero(drawn)) > 0.5, nodule
+        assert np.linalg.norm(np.subtract(measurement.center_lps_mm, nodule.center_lps_mm)) <= 1.5, nodule
+        assert abs(measurement.mean_axial_diameter_mm - nodule.diameter_mm) <= 1.5 * VOXEL_MM[0], nodule
+        assert measurement.type == "ground-glass", nodule
 
 
 def _ball_grid(spacing=(0.5, 0.5, 0.5), size=(60, 60, 60), origin=(10.0, -20.0, 30.0)):
