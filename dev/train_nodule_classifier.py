@@ -1,7 +1,7 @@
 """Train the two scorers of NoduleDetect's classical candidates, on generated chest phantoms only (fixed seeds), and
 write them beside the module (NoduleDetect/Resources/Models/): the candidate CNN (.pt) and the random forest (JSON).
 
-    .venv/bin/python dev/train_nodule_classifier.py [--network-cases 96] [--cases 32] [--network FILE]
+    .venv/bin/python dev/train_nodule_classifier.py [--network-cases 48] [--cases 32] [--network FILE]
 
 Stage 1 (the CNN, on the CT around each candidate) learns from every candidate of its phantoms; stage 2 (the
 forest, on the features of each segmented candidate) learns from the candidates the trained CNN keeps on other
@@ -68,8 +68,8 @@ def train_network(args, grid: str, started: float) -> PatchClassifier:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--network-cases", type=int, default=96)
-    parser.add_argument("--iterations", type=int, default=3000, help="CNN training steps of 64 patches")
+    parser.add_argument("--network-cases", type=int, default=48)
+    parser.add_argument("--iterations", type=int, default=1500, help="CNN training steps of 64 patches")
     parser.add_argument("--cases", type=int, default=32, help="phantoms for the forest")
     parser.add_argument("--network", type=Path, help="a trained candidate CNN: train the forest only")
     parser.add_argument("--output-dir", type=Path, default=detection.MODELS_DIR)
