@@ -239,9 +239,10 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
         # nothing at the centre reaches the solid level: the solid tissue in the cut is a neighbour's (the chest
         # wall beside a juxta-pleural ground-glass nodule, a vessel), and the nodule is the ground glass beyond its rim
         beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
-        if not (generous & beyond_rim).any():
+        faint = generous & beyond_rim
+        if not faint.any():
             return nodule, threshold_hu
-        return final_cut(half_maximum(float(np.percentile(values[generous & beyond_rim], 75))), allowed & beyond_rim)
+        return final_cut(half_maximum(float(np.percentile(values[faint], 75))), allowed & beyond_rim)
     return final_cut(half_maximum(float(np.percentile(values[ground_glass], 75))))
 
 
