@@ -10,6 +10,8 @@ the AMP tolerance: an untrained network has many near-ties), the two paths agree
 planes is reported, cancel raises ``Cancelled`` and leaves GPU memory where it was. Then the throughput table: plain
 MONAI (float32, AMP) and the runner (input on the device, and staged), all from the same host numpy volume to a host
 label map.
+Then NoduleDetect on the first synthetic evaluation case (a coarse copy with --cpu-smoke): the candidate CNN's
+probabilities and the findings of the whole pipeline (classical and deep) on the GPU are those of the CPU.
 Exits 1 when a check fails, 2 when no working CUDA device was found without --cpu-smoke.
 """
 
@@ -19,6 +21,7 @@ import argparse
 import gc
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,9 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO), str(REPO / "NoduleDetect"), str(REPO / "dev")]
+from evaluate_nodule_detection import NODULES_PER_CASE, SYNTHETIC_FIRST_SEED, SYNTHETIC_GRID  # noqa: E402
 from sliding_window import format_table, measure_throughput, synthetic_ct  # noqa: E402
 
 from RecognitionCore.device import choose_device, describe_device  # noqa: E402
@@ -39,6 +43,8 @@ ROI = (32, 48, 48)
 FLOAT32_TOLERANCE = 1e-3  # TF32 off for this check; cuDNN may still pick other algorithms: close, not bitwise
 AMP_TOLERANCE = 0.1  # float16 windows: ~1e-2 on logits of ~10; a misplaced window would differ by ~1
 MIN_AMP_LABEL_AGREEMENT = 0.999
+NODULE_PROBABILITY_TOLERANCE = 0.01  # TF32 convolutions: ~1e-3 on a probability; another patch would differ by more
+NODULE_CENTER_TOLERANCE_MM = 0.5
 
 failures = []
 
@@ -153,6 +159,47 @@ def check_cancel(network, volume: np.ndarray, device: torch.device, on_device: b
           f"{while_alive} bytes above baseline while the error is held, {after} after it is dropped")
 
 
+def check_nodule_detection(device: torch.device, coarse: bool) -> None:
+    """The candidate CNN and ``detect_nodules`` (method "both": the CNN and the deep detector) on ``device`` against
+    the CPU, on the first synthetic evaluation case."""
+    from NoduleDetectLib import detection
+    from NoduleDetectLib.patch_classifier import candidate_patches
+    from RecognitionCore.phantoms import make_chest_ct
+
+    grid = dict(size_ijk=(128, 128, 48), spacing_mm=(2.75, 2.75, 6.25)) if coarse else SYNTHETIC_GRID
+    image = make_chest_ct(seed=SYNTHETIC_FIRST_SEED, nodules=NODULES_PER_CASE, **grid).image
+    lungs = detection.lung_mask(detection.segment_lungs(image))
+    patches = candidate_patches(image, [c.center_lps_mm for c in detection.blob_candidates(image, lungs)])
+    network = detection.CandidateClassifier.load().network
+    seconds, probabilities = {}, {}
+    for name in ("cpu", str(device)):
+        network.predict_proba(patches[:1], device=name)  # warm-up: CUDA context, cuDNN's choice of kernels
+        started = time.perf_counter()
+        probabilities[name] = network.predict_proba(patches, device=name)
+        seconds[name] = time.perf_counter() - started
+    difference = float(np.abs(probabilities["cpu"] - probabilities[str(device)]).max())
+    check(f"candidate CNN on {device} = on the CPU", difference <= NODULE_PROBABILITY_TOLERANCE,
+          f"{len(patches)} candidates, largest probability difference {difference:.1e}; "
+          f"{seconds['cpu']:.2f} s on the CPU, {seconds[str(device)]:.2f} s on {device}")
+    results = {}
+    for name in ("cpu", str(device)):
+        started = time.perf_counter()
+        results[name] = detection.detect_nodules(image, "both", min_confidence=0.5, device=name)
+        print(f"detect_nodules(method='both', device='{name}'): {time.perf_counter() - started:.1f} s, steps "
+              f"{ {step: round(value, 1) for step, value in results[name].seconds.items()} }, "
+              f"{len(results[name].nodules)} findings", flush=True)
+    expected, found = results["cpu"].nodules, results[str(device)].nodules
+    pairs = [(a, min(found, key=lambda b: np.linalg.norm(np.subtract(a.center_lps_mm, b.center_lps_mm))))
+             for a in expected] if found else []
+    distance = max((float(np.linalg.norm(np.subtract(a.center_lps_mm, b.center_lps_mm))) for a, b in pairs),
+                   default=0.0)
+    confidence = max((abs(a.confidence - b.confidence) for a, b in pairs), default=0.0)
+    check(f"findings on {device} = on the CPU", len(expected) == len(found) and len(pairs) == len(expected)
+          and distance <= NODULE_CENTER_TOLERANCE_MM and confidence <= NODULE_PROBABILITY_TOLERANCE,
+          f"{len(expected)} vs {len(found)} findings; centres within {distance:.2f} mm, confidences within "
+          f"{confidence:.1e}; found by {dict(Counter('+'.join(a.methods) for a in expected))}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-smoke", action="store_true", help="run every code path on CPU with small volumes")
@@ -177,6 +224,7 @@ def main() -> int:
               f"throughput ratio {result['ratio_vs_plain_amp']:.3f}")
         print(f"(labels of the runner vs plain MONAI AMP {result['label_agreement_amp']:.6f}, vs the staged runner "
               f"{result['staged_label_agreement']:.6f}: expect >= 0.999 and 1.0, near-ties aside)")
+    check_nodule_detection(device, coarse=args.cpu_smoke)
     print(f"{len(failures)} check(s) failed{': ' + ', '.join(failures) if failures else ''}; "
           f"{time.perf_counter() - started:.0f} s in all")
     return 1 if failures else 0

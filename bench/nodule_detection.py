@@ -3,10 +3,12 @@
 inference of the same network over the whole volume, in one run (and against our own windows over the whole volume,
 several per pass as the deep path runs them, which tells the gain of batching from that of the lung windows).
 
-    .venv/bin/python bench/nodule_detection.py [--ct PATH] [--skip-deep]
+    .venv/bin/python bench/nodule_detection.py [--ct PATH | --ct phantom] [--device cpu|cuda] [--skip-deep]
 
-Each measurement runs in its own process so that its peak RSS is its own. Goals (2 CPU cores): <= 30 s end to end,
-peak RSS <= 3 GB, deep detector >= 5x faster than plain MONAI over the whole volume.
+``--ct phantom``: the first synthetic evaluation case (dev/evaluate_nodule_detection.py), generated in each process;
+it needs neither ../shared nor slicer-core (for a GPU machine). Each measurement runs in its own process so that its
+peak RSS is its own. Goals (2 CPU cores): <= 30 s end to end, peak RSS <= 3 GB, deep detector >= 5x faster than
+plain MONAI over the whole volume.
 """
 
 from __future__ import annotations
@@ -30,10 +32,9 @@ def peak_rss_mb() -> float:
 def load(ct: str, slices: int):
     import SimpleITK as sitk
 
-    from RecognitionCore.io import read_image
     from RecognitionCore.preprocessing import resample_to_reference
 
-    image = read_image(ct)
+    image = evaluation_phantom() if ct == "phantom" else read_ct(ct)
     if slices and slices != image.GetSize()[2]:
         spacing = list(image.GetSpacing())
         spacing[2] *= image.GetSize()[2] / slices
@@ -43,6 +44,21 @@ def load(ct: str, slices: int):
         reference.SetDirection(image.GetDirection())
         image = sitk.Cast(resample_to_reference(image, reference, "linear"), sitk.sitkInt16)
     return image
+
+
+def evaluation_phantom():
+    sys.path.insert(0, str(REPO / "dev"))
+    from evaluate_nodule_detection import NODULES_PER_CASE, SYNTHETIC_FIRST_SEED, SYNTHETIC_GRID
+
+    from RecognitionCore.phantoms import make_chest_ct
+
+    return make_chest_ct(seed=SYNTHETIC_FIRST_SEED, nodules=NODULES_PER_CASE, **SYNTHETIC_GRID).image
+
+
+def read_ct(path: str):
+    from RecognitionCore.io import read_image
+
+    return read_image(path)
 
 
 def detector():
@@ -66,7 +82,7 @@ def detector():
         return card, network
 
 
-def child(ct: str, slices: int, what: str) -> dict:
+def child(ct: str, slices: int, what: str, device: str) -> dict:
     """One measurement in this process: 'pipeline', 'deep_lung_box' (the deep path: lungs, the detector on the
     lung box's windows that hold lung, each kept box segmented), 'deep_whole_volume' (plain MONAI: RetinaNetDetector
     with its SlidingWindowInferer at MONAI's defaults over the whole volume, boxes only) or 'deep_whole_volume_batched'
@@ -79,7 +95,7 @@ def child(ct: str, slices: int, what: str) -> dict:
     before = peak_rss_mb()
     started = time.perf_counter()
     if what == "pipeline":
-        result = detection.detect_nodules(image, "classical", min_confidence=0.5)
+        result = detection.detect_nodules(image, "classical", min_confidence=0.5, device=device)
         found = len(result.nodules)
         steps = {k: round(v, 1) for k, v in result.seconds.items()}
     else:
@@ -95,14 +111,14 @@ def child(ct: str, slices: int, what: str) -> dict:
                 if message.startswith("Segmenting") and not first_mask:
                     first_mask.append(time.perf_counter())
 
-            found = len(detection.deep_candidates(image, lungs, card, network, "cpu", Progress(mark)))
+            found = len(detection.deep_candidates(image, lungs, card, network, device, Progress(mark)))
             masks_start = first_mask[0] if first_mask else time.perf_counter()
             steps.update(lungs=round(lungs_done - loaded, 1), detector=round(masks_start - lungs_done, 1),
                          masks=round(time.perf_counter() - masks_start, 1))
         elif what == "deep_whole_volume":
-            found = len(predict_nodules_monai(image, card, network, device="cpu"))
+            found = len(predict_nodules_monai(image, card, network, device=device))
         else:
-            found = len(predict_nodules(image, card, network, device="cpu"))
+            found = len(predict_nodules(image, card, network, device=device))
     return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": round(peak_rss_mb()),
             "rss_before_mb": round(before), "found": found, "steps": steps, "size": list(image.GetSize())}
 
@@ -110,23 +126,26 @@ def child(ct: str, slices: int, what: str) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ct", default=str(REPO.parent / "shared" / "data" / "lidc" / "LIDC-IDRI-0001"))
+    parser.add_argument("--device", default="cpu", help="cpu (the goals' setting), cuda or auto")
     parser.add_argument("--skip-deep", action="store_true")
     parser.add_argument("--child", nargs=2, metavar=("SLICES", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.ct, int(args.child[0]), args.child[1])))
+        print(json.dumps(child(args.ct, int(args.child[0]), args.child[1], args.device)))
         return 0
     runs = [(0, "pipeline"), (300, "pipeline")]
     if not args.skip_deep:
         runs += [(0, "deep_lung_box"), (0, "deep_whole_volume"), (0, "deep_whole_volume_batched")]
     rows = []
     for slices, what in runs:
-        output = subprocess.run([sys.executable, __file__, "--ct", args.ct, "--child", str(slices), what],
+        output = subprocess.run([sys.executable, __file__, "--ct", args.ct, "--device", args.device,
+                                 "--child", str(slices), what],
                                 capture_output=True, text=True)
         if output.returncode:
             rows.append((what, slices, f"failed: {output.stderr.strip().splitlines()[-1]}"))
             continue
         rows.append((what, slices, json.loads(output.stdout.strip().splitlines()[-1])))
+    print(f"CT: {args.ct}; device: {args.device}")
     print(f"{'measurement':<26} {'volume':<16} {'seconds':>8} {'peak RSS MB':>12} {'found':>6}  steps")
     for what, slices, result in rows:
         if isinstance(result, str):

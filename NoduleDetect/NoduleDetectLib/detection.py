@@ -3,11 +3,11 @@ per nodule -> merged, scored findings. No MRML here: the module's Logic writes t
 command line into files.
 
 Classical path: multi-scale Hessian dot candidates in the lungs (``candidates.py``) with a low threshold, so that
-faint and small nodules are among them; a small 3D CNN scores every one from the CT around it
-(``patch_classifier.py``) and the most nodule-like are kept (segmenting every candidate would cost ~0.1 s each); each
-of those is segmented (``nodules.py``) and described by hand-made features (``features.py``) that a random forest
-turns into a nodule probability (``classifier.py``, shipped as JSON); the confidence is the product of the
-network's and the forest's probabilities. Deep path: a detection model of the catalogue (the MONAI model zoo's
+faint and small nodules are among them; a small 3D CNN scores every one from the CT around it (on the GPU when
+present; ``patch_classifier.py``) and the most nodule-like are kept (segmenting every candidate would cost ~0.1 s
+each); each of those is segmented (``nodules.py``) and described by hand-made features (``features.py``) that a
+random forest turns into a nodule probability (``classifier.py``, shipped as JSON); the confidence is the product of
+the network's and the forest's probabilities. Deep path: a detection model of the catalogue (the MONAI model zoo's
 ``lung_nodule_ct_detection`` bundle or a model trained with this project) run only inside the lung bounding box;
 each box is segmented by the same region growing. Both: findings closer than their radius are merged, keeping the
 higher confidence.
@@ -197,7 +197,7 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
     candidate_count = 0
     if method in ("classical", "both"):
         started = time.perf_counter()
-        classical = classical_candidates(image, lungs_mask, classifier, min_diameter_mm,
+        classical = classical_candidates(image, lungs_mask, classifier, min_diameter_mm, device,
                                          progress.sub(0.2, 0.6 if method == "both" else 0.9))
         candidate_count += len(classical)
         scored += classical
@@ -221,13 +221,15 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
 
 
 def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: CandidateClassifier,
-                         min_diameter_mm: float = 3.0, progress: Optional[Progress] = None) -> List[ScoredCandidate]:
-    """Blob candidates in the lungs, each scored by the network; the ``MAX_SEGMENTED_CANDIDATES`` most
+                         min_diameter_mm: float = 3.0, device: str = "cpu",
+                         progress: Optional[Progress] = None) -> List[ScoredCandidate]:
+    """Blob candidates in the lungs, each scored by the network (on ``device``); the ``MAX_SEGMENTED_CANDIDATES`` most
     nodule-like are segmented, described by their features and scored by the forest. Confidence: the product of the
     two probabilities (a finding needs both)."""
     progress = as_progress(progress)
     candidates = blob_candidates(image, lungs_mask, min_diameter_mm, progress.sub(0.0, 0.35))
-    kept, network_probability = rank_by_network(image, candidates, classifier.network, progress.sub(0.35, 0.45))
+    kept, network_probability = rank_by_network(image, candidates, classifier.network, device,
+                                                progress.sub(0.35, 0.45))
     scored = describe_candidates(image, lungs_mask, [candidates[i] for i in kept], progress.sub(0.45, 0.95))
     if scored:
         forest_probability = classifier.forest.predict_proba(np.stack([row.features for row in scored]))
@@ -238,10 +240,11 @@ def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: 
 
 
 def rank_by_network(image: sitk.Image, candidates: Sequence[Candidate], network: PatchClassifier,
-                    progress: Optional[Progress] = None) -> Tuple[np.ndarray, np.ndarray]:
+                    device: str = "cpu", progress: Optional[Progress] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(indices of the ``MAX_SEGMENTED_CANDIDATES`` candidates the network scores highest, best first; the network's
     probability of every candidate): the candidates the pipeline segments, and the forest is trained on."""
-    probability = network.predict_proba(candidate_patches(image, [c.center_lps_mm for c in candidates]), progress)
+    probability = network.predict_proba(candidate_patches(image, [c.center_lps_mm for c in candidates]), progress,
+                                        device)
     return np.argsort(-probability, kind="stable")[:MAX_SEGMENTED_CANDIDATES], probability
 
 

@@ -113,14 +113,20 @@ class PatchClassifier:
                     "metadata": self.metadata, "state_dict": self.network.state_dict()}, path)
         return path
 
-    def predict_proba(self, patches: np.ndarray, progress: Optional[Progress] = None) -> np.ndarray:
-        """Probabilities (float64, one per patch) of ``candidate_patches`` cubes, ``BATCH_SIZE`` per pass."""
+    def predict_proba(self, patches: np.ndarray, progress: Optional[Progress] = None,
+                      device: str = "cpu") -> np.ndarray:
+        """Probabilities (float64, one per patch) of ``candidate_patches`` cubes, ``BATCH_SIZE`` per pass on
+        ``device`` ("auto": a working GPU, else the CPU; see ``RecognitionCore.device``)."""
         import torch
+
+        from RecognitionCore.device import choose_device
 
         progress = as_progress(progress)
         patches = np.asarray(patches)
         if patches.ndim != 4 or patches.shape[1:] != (PATCH_MM,) * 3:
             raise InputError(f"candidate patches must be (N, {PATCH_MM}, {PATCH_MM}, {PATCH_MM}), got {patches.shape}")
+        device = choose_device(device)
+        network = self.network.to(device)
         inner = slice(SHIFT_MM, SHIFT_MM + INPUT_MM)
         probabilities = []
         with torch.inference_mode():
@@ -128,7 +134,8 @@ class PatchClassifier:
                 progress.report(start / len(patches), f"Scoring candidates {start + 1}-"
                                                       f"{min(start + BATCH_SIZE, len(patches))} of {len(patches)}")
                 batch = torch.from_numpy(patches[start:start + BATCH_SIZE, inner, inner, inner].astype(np.float32))
-                probabilities.append(torch.sigmoid(self.network(batch[:, None])[:, 0]).double().numpy())
+                logits = network(batch[:, None].to(device))[:, 0]
+                probabilities.append(torch.sigmoid(logits).double().cpu().numpy())
         return np.concatenate(probabilities) if probabilities else np.empty(0)
 
 

@@ -70,6 +70,8 @@ def test_shipped_network_scores_nodules_above_vessels():
     assert probability.shape == (40,) and np.all((probability >= 0) & (probability <= 1))
     assert np.median(probability[is_ball]) > 0.5 > np.median(probability[~is_ball]), probability
     assert "phantoms" in network.metadata["description"]
+    # "auto": a working GPU (TF32 convolutions: within 1e-3, bench/gpu_check.py), else the CPU
+    assert np.allclose(network.predict_proba(patches, device="auto"), probability, atol=0.01)
 
 
 def test_training_learns_balls_from_tubes_and_the_file_round_trips(tmp_path):
@@ -103,5 +105,7 @@ def test_bad_network_files_and_input_are_refused(tmp_path):
 
     network = PatchClassifier.load(DEFAULT_PATCH_CLASSIFIER)
     assert_raises(InputError, network.predict_proba, np.zeros((2, 10, 10, 10)), match="candidate patches must be")
+    assert_raises(InputError, network.predict_proba, np.zeros((2,) + (PATCH_MM,) * 3), device="cuda:63",
+                  match="'cuda:63' was requested")
     patches, labels = _ball_and_tube_patches(4, np.random.default_rng(2))
     assert_raises(InputError, train_patch_network, patches, np.zeros(4), match="both classes")
