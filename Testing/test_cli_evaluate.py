@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from RecognitionCore import cli, evaluation
@@ -112,3 +113,28 @@ def test_learning_curves_from_a_log(tmp_path):
     status, out, err = run_cli("evaluate", "curves", "--log", tmp_path / "log.json", "--output", tmp_path)
     assert status == 0, err
     assert "train_loss" in out and (tmp_path / "learning_curves.png").stat().st_size > 10_000
+
+
+def test_synthetic_measurements_compare_findings_with_the_phantom_truth(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
+    import evaluate_nodule_detection as script
+    from RecognitionCore.phantoms import make_chest_ct
+
+    truth = make_chest_ct(seed=script.SYNTHETIC_FIRST_SEED, nodules=script.NODULES_PER_CASE,
+                          **script.SYNTHETIC_GRID).nodules[0]
+    r, a, s = -truth.center_lps_mm[0], -truth.center_lps_mm[1], truth.center_lps_mm[2]
+    header = "nodule,confidence,type,mean_axial_diameter_mm,volume_mm3,center_r_mm,center_a_mm,center_s_mm\n"
+    rows = [f"N1,0.9,solid,{truth.diameter_mm + 1.0},{truth.volume_ml * 2000.0},{r},{a},{s}\n",
+            f"N2,0.4,{truth.type},{truth.diameter_mm},{truth.volume_ml * 1000.0},{r},{a},{s}\n",  # below 0.5
+            f"N3,0.95,{truth.type},5.0,1.0,{r + truth.diameter_mm},{a},{s}\n"]  # outside the radius
+    (tmp_path / f"synthetic_{script.SYNTHETIC_FIRST_SEED:05d}_nodules.csv").write_text(header + "".join(rows))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        path = script.synthetic_measurements(tmp_path, 1)
+    measured = list(csv.DictReader(open(path)))
+    assert [row["nodule"] for row in measured] == ["N1"] and measured[0]["type"] == truth.type
+    assert float(measured[0]["measured_mean_axial_diameter_mm"]) - truth.diameter_mm == 1.0
+    assert float(measured[0]["measured_volume_mm3"]) / float(measured[0]["volume_mm3"]) == pytest.approx(2.0, rel=0.01)
+    assert "+1.0 (+1.0..+1.0)" in printed.getvalue() and "+100 (+100..+100)" in printed.getvalue()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -22,6 +25,8 @@ from RecognitionCore import cli, datasets  # noqa: E402
 SYNTHETIC_GRID = dict(size_ijk=(320, 320, 120), spacing_mm=(1.1, 1.1, 2.5))
 SYNTHETIC_FIRST_SEED = 7000  # the classifier trains on seeds 5000+ (dev/train_nodule_classifier.py)
 NODULES_PER_CASE = 6
+DEFAULT_CONFIDENCE = 0.5  # the module's default threshold: measurements are judged on the findings a reader sees
+SIZE_BANDS_MM = ((3, 5), (5, 8), (8, 12), (12, 30))
 LIDC_0001_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
 
@@ -52,6 +57,59 @@ def lidc_annotations(shared: Path, output: Path, min_readers: int) -> Path:
     return path
 
 
+def synthetic_measurements(findings: Path, count: int) -> Path:
+    """Each synthetic nodule found at ``DEFAULT_CONFIDENCE`` (its most confident finding within its radius) against
+    its truth, from the phantom regenerated from its seed: mean axial diameter (Lung-RADS's size), volume and type.
+    Writes measurements.csv beside the findings and prints a summary per size band."""
+    from RecognitionCore.phantoms import make_chest_ct
+
+    rows = []
+    for seed in range(SYNTHETIC_FIRST_SEED, SYNTHETIC_FIRST_SEED + count):
+        uid = f"synthetic_{seed:05d}"
+        with open(findings / f"{uid}_nodules.csv") as file:
+            shown = [row for row in csv.DictReader(file) if float(row["confidence"]) >= DEFAULT_CONFIDENCE]
+        centers_lps = np.array([[-float(row["center_r_mm"]), -float(row["center_a_mm"]), float(row["center_s_mm"])]
+                                for row in shown]).reshape(-1, 3)
+        for nodule in make_chest_ct(seed=seed, nodules=NODULES_PER_CASE, **SYNTHETIC_GRID).nodules:
+            within = np.linalg.norm(centers_lps - nodule.center_lps_mm, axis=1) <= nodule.diameter_mm / 2
+            if not within.any():
+                continue
+            finding = max((row for row, hit in zip(shown, within) if hit), key=lambda row: float(row["confidence"]))
+            rows.append({"seriesuid": uid, "nodule": finding["nodule"], "diameter_mm": nodule.diameter_mm,
+                         "type": nodule.type, "location": nodule.location,
+                         "volume_mm3": round(nodule.volume_ml * 1000.0, 1),
+                         "measured_mean_axial_diameter_mm": float(finding["mean_axial_diameter_mm"]),
+                         "measured_volume_mm3": float(finding["volume_mm3"]), "measured_type": finding["type"]})
+    path = findings / "measurements.csv"
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["seriesuid"])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"Measurements of the synthetic nodules found at confidence >= {DEFAULT_CONFIDENCE} ({path}):")
+    print(f"{'size band':<12} {'found':>6} {'mean axial diameter error mm':>30} {'volume error %':>16} "
+          f"{'type right':>11}")
+    for low, high in SIZE_BANDS_MM:
+        band = [row for row in rows if low <= row["diameter_mm"] < high or (high == SIZE_BANDS_MM[-1][1]
+                                                                          and row["diameter_mm"] == high)]
+        if not band:
+            continue
+        diameter_error = np.array([row["measured_mean_axial_diameter_mm"] - row["diameter_mm"] for row in band])
+        volume_error = np.array([100.0 * (row["measured_volume_mm3"] / row["volume_mm3"] - 1.0) for row in band])
+        right = sum(row["measured_type"] == row["type"] for row in band)
+        print(f"{f'{low}-{high} mm':<12} {len(band):>6} {_median_and_range(diameter_error):>30} "
+              f"{_median_and_range(volume_error, '.0f'):>16} {right:>5} of {len(band):<3}")
+    confusion = Counter((row["type"], row["measured_type"]) for row in rows)
+    print("type (truth -> measured): " + ", ".join(f"{truth} -> {measured}: {number}"
+                                                   for (truth, measured), number in sorted(confusion.items())))
+    return path
+
+
+def _median_and_range(values: np.ndarray, spec: str = ".1f") -> str:
+    """Median with the 10th-90th percentile range, e.g. "+0.3 (-0.8..+1.2)"."""
+    low, median, high = np.percentile(values, (10, 50, 90))
+    return f"{median:+{spec}} ({low:+{spec}}..{high:+{spec}})"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--synthetic", type=int, default=50, help="number of generated chest CTs (0: skip)")
@@ -80,6 +138,7 @@ def main(argv=None) -> int:
                                                            nodules_per_case=NODULES_PER_CASE, **SYNTHETIC_GRID)
         evaluate(folder / "annotations.csv", detect([case.image_path for case in cases], output / "synthetic", extra),
                  output / "synthetic", f"{args.synthetic} synthetic chest CTs")
+        synthetic_measurements(output / "synthetic", args.synthetic)
     return 0
 
 
