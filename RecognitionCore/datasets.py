@@ -602,7 +602,8 @@ def write_synthetic_detection_dataset(folder: PathLike, count: int, seed: int = 
                                       spacing_mm: Sequence[float] = (5.6, 4.0, 10.0),
                                       nodules_per_case: int = 2,
                                       progress: Optional[Progress] = None) -> List[DetectionCase]:
-    """Chest phantoms in LUNA16 layout (``synthetic_<seed>.nrrd`` + ``annotations.csv``); case i uses seed + i."""
+    """Chest phantoms in LUNA16 layout (``synthetic_<seed>.nrrd`` + ``annotations.csv``, and each phantom's full
+    nodule truth in ``synthetic_<seed>_lesions.csv``: type, location, volume); case i uses seed + i."""
     progress = as_progress(progress)
     folder = _new_folder(folder, count)
     rows = []
@@ -611,6 +612,7 @@ def write_synthetic_detection_dataset(folder: PathLike, count: int, seed: int = 
         phantom = make_chest_ct(size_ijk, spacing_mm, seed=seed + number, nodules=nodules_per_case)
         uid = f"synthetic_{seed + number:05d}"
         sitk.WriteImage(phantom.image, str(folder / f"{uid}.nrrd"), True)
+        phantom.write_lesion_truth(folder / f"{uid}_lesions.csv")
         rows += phantom.luna16_rows(uid)
     write_luna16_csv(rows, folder / "annotations.csv")
     progress.report(1.0, "Synthetic detection dataset written")

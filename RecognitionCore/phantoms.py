@@ -127,7 +127,13 @@ class Phantom:
             writer.writerow(("value", "name"))
             writer.writerows(sorted(self.label_names.items()))
         write_luna16_csv(self.luna16_rows(seriesuid), paths["annotations"])
-        with open(paths["lesions"], "w", newline="") as stream:
+        self.write_lesion_truth(paths["lesions"])
+        return paths
+
+    def write_lesion_truth(self, path: Union[str, Path]) -> Path:
+        """The full truth of the nodules and tumours as CSV (world LPS mm, type, location, volumes); floats exact."""
+        path = Path(path)
+        with open(path, "w", newline="") as stream:
             writer = csv.writer(stream)
             writer.writerow(("id", "kind", "coordX", "coordY", "coordZ", "diameter_mm", "type", "location",
                              "volume_ml", "mask_volume_ml"))
@@ -137,7 +143,7 @@ class Phantom:
             for tumour in self.tumours:
                 writer.writerow((tumour.id, "tumour", *map(repr, tumour.center_lps_mm), repr(tumour.diameter_mm),
                                  "hypodense", "liver", repr(tumour.volume_ml), repr(tumour.mask_volume_ml)))
-        return paths
+        return path
 
 
 def write_luna16_csv(rows: Sequence[dict], path: Union[str, Path]) -> Path:

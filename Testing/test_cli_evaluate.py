@@ -123,16 +123,18 @@ def test_synthetic_measurements_compare_findings_with_the_phantom_truth(tmp_path
     import evaluate_nodule_detection as script
     from RecognitionCore.phantoms import make_chest_ct
 
-    truth = make_chest_ct(seed=script.SYNTHETIC_FIRST_SEED, nodules=script.NODULES_PER_CASE,
-                          **script.SYNTHETIC_GRID).nodules[0]
+    phantom = make_chest_ct(seed=script.SYNTHETIC_FIRST_SEED, nodules=script.NODULES_PER_CASE, **script.SYNTHETIC_GRID)
+    uid = f"synthetic_{script.SYNTHETIC_FIRST_SEED:05d}"
+    phantom.write_lesion_truth(tmp_path / f"{uid}_lesions.csv")
+    truth = phantom.nodules[0]
     r, a, s = -truth.center_lps_mm[0], -truth.center_lps_mm[1], truth.center_lps_mm[2]
     header = "nodule,confidence,type,mean_axial_diameter_mm,volume_mm3,center_r_mm,center_a_mm,center_s_mm\n"
     rows = [f"N1,0.9,solid,{truth.diameter_mm + 1.0},{truth.volume_ml * 2000.0},{r},{a},{s}\n",
             f"N2,0.4,{truth.type},{truth.diameter_mm},{truth.volume_ml * 1000.0},{r},{a},{s}\n",  # below 0.5
             f"N3,0.95,{truth.type},5.0,1.0,{r + truth.diameter_mm},{a},{s}\n"]  # outside the radius
-    (tmp_path / f"synthetic_{script.SYNTHETIC_FIRST_SEED:05d}_nodules.csv").write_text(header + "".join(rows))
+    (tmp_path / f"{uid}_nodules.csv").write_text(header + "".join(rows))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        path = script.synthetic_measurements(tmp_path, 1)
+        path = script.synthetic_measurements(tmp_path, tmp_path)
     measured = list(csv.DictReader(open(path)))
     assert [row["nodule"] for row in measured] == ["N1"] and measured[0]["type"] == truth.type
     assert float(measured[0]["measured_mean_axial_diameter_mm"]) - truth.diameter_mm == 1.0

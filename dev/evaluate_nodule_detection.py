@@ -57,27 +57,30 @@ def lidc_annotations(shared: Path, output: Path, min_readers: int) -> Path:
     return path
 
 
-def synthetic_measurements(findings: Path, count: int) -> Path:
-    """Each synthetic nodule found at ``DEFAULT_CONFIDENCE`` (its most confident finding within its radius) against
-    its truth, from the phantom regenerated from its seed: mean axial diameter (Lung-RADS's size), volume and type.
-    Writes measurements.csv beside the findings and prints a summary per size band."""
-    from RecognitionCore.phantoms import make_chest_ct
-
+def synthetic_measurements(truth: Path, findings: Path) -> Path:
+    """Each synthetic nodule (``<case>_lesions.csv`` in ``truth``) found at ``DEFAULT_CONFIDENCE`` (its most confident
+    finding within its radius, from ``<case>_nodules.csv`` in ``findings``) against its truth: mean axial diameter
+    (Lung-RADS's size), volume and type. Writes measurements.csv beside the findings and prints a summary per size
+    band."""
     rows = []
-    for seed in range(SYNTHETIC_FIRST_SEED, SYNTHETIC_FIRST_SEED + count):
-        uid = f"synthetic_{seed:05d}"
+    for lesions in sorted(truth.glob("*_lesions.csv")):
+        uid = lesions.name[:-len("_lesions.csv")]
         with open(findings / f"{uid}_nodules.csv") as file:
             shown = [row for row in csv.DictReader(file) if float(row["confidence"]) >= DEFAULT_CONFIDENCE]
         centers_lps = np.array([[-float(row["center_r_mm"]), -float(row["center_a_mm"]), float(row["center_s_mm"])]
                                 for row in shown]).reshape(-1, 3)
-        for nodule in make_chest_ct(seed=seed, nodules=NODULES_PER_CASE, **SYNTHETIC_GRID).nodules:
-            within = np.linalg.norm(centers_lps - nodule.center_lps_mm, axis=1) <= nodule.diameter_mm / 2
+        with open(lesions) as file:
+            nodules = [row for row in csv.DictReader(file) if row["kind"] == "nodule"]
+        for nodule in nodules:
+            center = [float(nodule[axis]) for axis in ("coordX", "coordY", "coordZ")]
+            diameter_mm = float(nodule["diameter_mm"])
+            within = np.linalg.norm(centers_lps - center, axis=1) <= diameter_mm / 2
             if not within.any():
                 continue
             finding = max((row for row, hit in zip(shown, within) if hit), key=lambda row: float(row["confidence"]))
-            rows.append({"seriesuid": uid, "nodule": finding["nodule"], "diameter_mm": nodule.diameter_mm,
-                         "type": nodule.type, "location": nodule.location,
-                         "volume_mm3": round(nodule.volume_ml * 1000.0, 1),
+            rows.append({"seriesuid": uid, "nodule": finding["nodule"], "diameter_mm": diameter_mm,
+                         "type": nodule["type"], "location": nodule["location"],
+                         "volume_mm3": round(float(nodule["volume_ml"]) * 1000.0, 1),
                          "measured_mean_axial_diameter_mm": float(finding["mean_axial_diameter_mm"]),
                          "measured_volume_mm3": float(finding["volume_mm3"]), "measured_type": finding["type"]})
     path = findings / "measurements.csv"
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
                                                            nodules_per_case=NODULES_PER_CASE, **SYNTHETIC_GRID)
         evaluate(folder / "annotations.csv", detect([case.image_path for case in cases], output / "synthetic", extra),
                  output / "synthetic", f"{args.synthetic} synthetic chest CTs")
-        synthetic_measurements(output / "synthetic", args.synthetic)
+        synthetic_measurements(folder, output / "synthetic")
     return 0
 
 

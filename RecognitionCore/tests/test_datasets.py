@@ -43,6 +43,11 @@ def test_synthetic_detection_dataset_is_luna16_and_deterministic(tmp_path):
     assert [case.nodules for case in cases] == [case.nodules for case in again]
     assert all(len(case.nodules) == 2 for case in cases)
     assert (tmp_path / "a" / "annotations.csv").read_text() == (tmp_path / "b" / "annotations.csv").read_text()
+    with open(tmp_path / "a" / "synthetic_00005_lesions.csv") as stream:
+        truth = list(csv.DictReader(stream))
+    assert [(float(row["coordX"]), float(row["diameter_mm"])) for row in truth] == \
+        [(center[0], diameter) for center, diameter in cases[0].nodules]
+    assert all(row["kind"] == "nodule" and row["type"] in ("solid", "part-solid", "ground-glass") for row in truth)
     reread = datasets.luna16_cases(tmp_path / "a", tmp_path / "a" / "annotations.csv")
     assert reread == cases
     image, nodules = datasets.load_detection_case(cases[0])
