@@ -81,6 +81,7 @@ class NoduleTruth:
     location: str
     volume_ml: float  # analytic sphere volume
     mask_volume_ml: float  # voxels of this id in ``lesion_labels`` times the voxel volume
+    solid_diameter_mm: float = 0.0  # the solid part: the whole nodule if solid, its core if part-solid, else 0
 
 
 @dataclass
@@ -136,13 +137,14 @@ class Phantom:
         with open(path, "w", newline="") as stream:
             writer = csv.writer(stream)
             writer.writerow(("id", "kind", "coordX", "coordY", "coordZ", "diameter_mm", "type", "location",
-                             "volume_ml", "mask_volume_ml"))
+                             "volume_ml", "mask_volume_ml", "solid_diameter_mm"))
             for nodule in self.nodules:
                 writer.writerow((nodule.id, "nodule", *map(repr, nodule.center_lps_mm), repr(nodule.diameter_mm),
-                                 nodule.type, nodule.location, repr(nodule.volume_ml), repr(nodule.mask_volume_ml)))
+                                 nodule.type, nodule.location, repr(nodule.volume_ml), repr(nodule.mask_volume_ml),
+                                 repr(nodule.solid_diameter_mm)))
             for tumour in self.tumours:
                 writer.writerow((tumour.id, "tumour", *map(repr, tumour.center_lps_mm), repr(tumour.diameter_mm),
-                                 "hypodense", "liver", repr(tumour.volume_ml), repr(tumour.mask_volume_ml)))
+                                 "hypodense", "liver", repr(tumour.volume_ml), repr(tumour.mask_volume_ml), ""))
         return path
 
 
@@ -926,20 +928,24 @@ def _mark_center(canvas: _Canvas, center, lesion_id: int, label: int) -> None:
         canvas.labels[index[2], index[1], index[0]] = label
 
 
-def _paint_nodule(canvas: _Canvas, placed: _Placed, lesion_id: int, rng) -> None:
+def _paint_nodule(canvas: _Canvas, placed: _Placed, lesion_id: int, rng) -> float:
+    """Paint one nodule; returns the diameter of its solid part (``NoduleTruth.solid_diameter_mm``)."""
     over = [_C["body"], _C["lung_right"], _C["lung_left"], _C["vessel"], _C["airway"], _C["nodule"]]
+    kind = placed.spec.type
+    solid_radius = placed.radius if kind == "solid" else 0.0
     box, coverage = _sphere_coverage(canvas.grid, placed.center, placed.radius)
     if box is None:
-        return
-    kind = placed.spec.type
+        return 2.0 * solid_radius
     if kind == "solid":
         canvas.blend(box, coverage, rng.uniform(10.0, 50.0), _C["nodule"], over, lesion=lesion_id)
     else:
         canvas.blend(box, coverage, rng.uniform(-650.0, -430.0), _C["nodule"], over, lesion=lesion_id, lighten=True)
     if kind == "part-solid":
-        box, core = _sphere_coverage(canvas.grid, placed.center, placed.radius * rng.uniform(0.35, 0.6))
+        solid_radius = placed.radius * rng.uniform(0.35, 0.6)
+        box, core = _sphere_coverage(canvas.grid, placed.center, solid_radius)
         canvas.blend(box, core, rng.uniform(0.0, 40.0), _C["nodule"], over, lesion=lesion_id)
     _mark_center(canvas, placed.center, lesion_id, _C["nodule"])
+    return 2.0 * solid_radius
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1289,8 +1295,7 @@ def make_chest_ct(size_ijk: Sequence[int] = (160, 160, 96), spacing_mm: Sequence
     canvas = _Canvas(grid)
     _paint_slabs(canvas, chest, progress)
     chest.paint_structures(canvas)
-    for n, nodule in enumerate(placed):
-        _paint_nodule(canvas, nodule, n + 1, lesion_rng)
+    solid_diameters_mm = [_paint_nodule(canvas, nodule, n + 1, lesion_rng) for n, nodule in enumerate(placed)]
     progress.report(0.3, "Forming the image")
     pixels = _form_image(canvas, noise_rng, noise_sigma_hu, psf_fwhm_mm, padding_hu, progress)
     volumes = _mask_volumes_ml(canvas, len(placed))
@@ -1298,7 +1303,8 @@ def make_chest_ct(size_ijk: Sequence[int] = (160, 160, 96), spacing_mm: Sequence
                           diameter_mm=float(p.spec.diameter_mm),
                           type=p.spec.type, location=p.spec.location,
                           volume_ml=math.pi * float(p.spec.diameter_mm) ** 3 / 6000.0,
-                          mask_volume_ml=float(volumes[n + 1])) for n, p in enumerate(placed)]
+                          mask_volume_ml=float(volumes[n + 1]), solid_diameter_mm=solid_diameters_mm[n])
+              for n, p in enumerate(placed)]
     phantom = Phantom(image=_to_image(pixels, grid), labels=_to_image(canvas.labels, grid),
                       label_names=dict(CHEST_LABELS), lesion_labels=_to_image(canvas.lesions, grid),
                       nodules=truths, seed=int(seed))

@@ -128,10 +128,13 @@ def test_synthetic_measurements_compare_findings_with_the_phantom_truth(tmp_path
     phantom.write_lesion_truth(tmp_path / f"{uid}_lesions.csv")
     truth = phantom.nodules[0]
     r, a, s = -truth.center_lps_mm[0], -truth.center_lps_mm[1], truth.center_lps_mm[2]
-    header = "nodule,confidence,type,mean_axial_diameter_mm,volume_mm3,center_r_mm,center_a_mm,center_s_mm\n"
-    rows = [f"N1,0.9,solid,{truth.diameter_mm + 1.0},{truth.volume_ml * 2000.0},{r},{a},{s}\n",
-            f"N2,0.4,{truth.type},{truth.diameter_mm},{truth.volume_ml * 1000.0},{r},{a},{s}\n",  # below 0.5
-            f"N3,0.95,{truth.type},5.0,1.0,{r + truth.diameter_mm},{a},{s}\n"]  # outside the radius
+    assert truth.type == "part-solid" and truth.diameter_mm < 6.0  # Lung-RADS band 2 whatever its solid part
+    header = ("nodule,confidence,type,mean_axial_diameter_mm,volume_mm3,solid_mean_axial_diameter_mm,"
+              "lung_rads_size_band,center_r_mm,center_a_mm,center_s_mm\n")
+    rows = [f"N1,0.9,part-solid,{truth.diameter_mm + 1.0},{truth.volume_ml * 2000.0},"
+            f"{truth.solid_diameter_mm + 0.5},3,{r},{a},{s}\n",
+            f"N2,0.4,{truth.type},{truth.diameter_mm},{truth.volume_ml * 1000.0},0,2,{r},{a},{s}\n",  # below 0.5
+            f"N3,0.95,{truth.type},5.0,1.0,0,2,{r + truth.diameter_mm},{a},{s}\n"]  # outside the radius
     (tmp_path / f"{uid}_nodules.csv").write_text(header + "".join(rows))
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         path = script.synthetic_measurements(tmp_path, tmp_path)
@@ -140,3 +143,7 @@ def test_synthetic_measurements_compare_findings_with_the_phantom_truth(tmp_path
     assert float(measured[0]["measured_mean_axial_diameter_mm"]) - truth.diameter_mm == 1.0
     assert float(measured[0]["measured_volume_mm3"]) / float(measured[0]["volume_mm3"]) == pytest.approx(2.0, rel=0.01)
     assert "+1.0 (+1.0..+1.0)" in printed.getvalue() and "+100 (+100..+100)" in printed.getvalue()
+    assert measured[0]["lung_rads_band"] == "2" and measured[0]["measured_lung_rads_band"] == "3"
+    assert "Lung-RADS size band (truth -> measured): 2 -> 3: 1" in printed.getvalue()
+    assert "solid part of the 1 part-solid nodules typed part-solid: mean axial diameter error +0.5" in \
+        printed.getvalue()

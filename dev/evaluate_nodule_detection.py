@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "NoduleDetect")]
 from RecognitionCore import cli, datasets  # noqa: E402
+from NoduleDetectLib.nodules import lung_rads_size_category  # noqa: E402
 
 SYNTHETIC_GRID = dict(size_ijk=(320, 320, 120), spacing_mm=(1.1, 1.1, 2.5))
 SYNTHETIC_FIRST_SEED = 7000  # the classifier trains on seeds 5000+ (dev/train_nodule_classifier.py)
@@ -60,8 +61,8 @@ def lidc_annotations(shared: Path, output: Path, min_readers: int) -> Path:
 def synthetic_measurements(truth: Path, findings: Path) -> Path:
     """Each synthetic nodule (``<case>_lesions.csv`` in ``truth``) found at ``DEFAULT_CONFIDENCE`` (its most confident
     finding within its radius, from ``<case>_nodules.csv`` in ``findings``) against its truth: mean axial diameter
-    (Lung-RADS's size), volume and type. Writes measurements.csv beside the findings and prints a summary per size
-    band."""
+    (Lung-RADS's size), volume, type, the solid part's diameter and the Lung-RADS size band these give. Writes
+    measurements.csv beside the findings and prints a summary per size band."""
     rows = []
     for lesions in sorted(truth.glob("*_lesions.csv")):
         uid = lesions.name[:-len("_lesions.csv")]
@@ -78,11 +79,15 @@ def synthetic_measurements(truth: Path, findings: Path) -> Path:
             if not within.any():
                 continue
             finding = max((row for row, hit in zip(shown, within) if hit), key=lambda row: float(row["confidence"]))
+            solid_diameter_mm = float(nodule["solid_diameter_mm"])
             rows.append({"seriesuid": uid, "nodule": finding["nodule"], "diameter_mm": diameter_mm,
-                         "type": nodule["type"], "location": nodule["location"],
+                         "type": nodule["type"], "location": nodule["location"], "solid_diameter_mm": solid_diameter_mm,
                          "volume_mm3": round(float(nodule["volume_ml"]) * 1000.0, 1),
                          "measured_mean_axial_diameter_mm": float(finding["mean_axial_diameter_mm"]),
-                         "measured_volume_mm3": float(finding["volume_mm3"]), "measured_type": finding["type"]})
+                         "measured_volume_mm3": float(finding["volume_mm3"]), "measured_type": finding["type"],
+                         "measured_solid_mean_axial_diameter_mm": float(finding["solid_mean_axial_diameter_mm"]),
+                         "lung_rads_band": lung_rads_size_category(nodule["type"], diameter_mm, solid_diameter_mm),
+                         "measured_lung_rads_band": finding["lung_rads_size_band"]})
     path = findings / "measurements.csv"
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["seriesuid"])
@@ -90,7 +95,7 @@ def synthetic_measurements(truth: Path, findings: Path) -> Path:
         writer.writerows(rows)
     print(f"Measurements of the synthetic nodules found at confidence >= {DEFAULT_CONFIDENCE} ({path}):")
     print(f"{'size band':<12} {'found':>6} {'mean axial diameter error mm':>30} {'volume error %':>16} "
-          f"{'type right':>11}")
+          f"{'type right':>11} {'Lung-RADS band right':>21}")
     for low, high in SIZE_BANDS_MM:
         band = [row for row in rows if low <= row["diameter_mm"] < high or (high == SIZE_BANDS_MM[-1][1]
                                                                           and row["diameter_mm"] == high)]
@@ -99,11 +104,21 @@ def synthetic_measurements(truth: Path, findings: Path) -> Path:
         diameter_error = np.array([row["measured_mean_axial_diameter_mm"] - row["diameter_mm"] for row in band])
         volume_error = np.array([100.0 * (row["measured_volume_mm3"] / row["volume_mm3"] - 1.0) for row in band])
         right = sum(row["measured_type"] == row["type"] for row in band)
+        band_right = sum(row["measured_lung_rads_band"] == row["lung_rads_band"] for row in band)
         print(f"{f'{low}-{high} mm':<12} {len(band):>6} {_median_and_range(diameter_error):>30} "
-              f"{_median_and_range(volume_error, '.0f'):>16} {right:>5} of {len(band):<3}")
-    confusion = Counter((row["type"], row["measured_type"]) for row in rows)
-    print("type (truth -> measured): " + ", ".join(f"{truth} -> {measured}: {number}"
-                                                   for (truth, measured), number in sorted(confusion.items())))
+              f"{_median_and_range(volume_error, '.0f'):>16} {right:>5} of {len(band):<3} "
+              f"{band_right:>13} of {len(band):<3}")
+    part_solid = [row for row in rows if row["type"] == row["measured_type"] == "part-solid"]
+    if part_solid:
+        solid_error = np.array([row["measured_solid_mean_axial_diameter_mm"] - row["solid_diameter_mm"]
+                                for row in part_solid])
+        print(f"solid part of the {len(part_solid)} part-solid nodules typed part-solid: mean axial diameter error "
+              f"{_median_and_range(solid_error)} mm")
+    for name, truth_key, measured_key in (("type", "type", "measured_type"),
+                                          ("Lung-RADS size band", "lung_rads_band", "measured_lung_rads_band")):
+        confusion = Counter((row[truth_key], row[measured_key]) for row in rows)
+        print(f"{name} (truth -> measured): " + ", ".join(
+            f"{truth} -> {measured}: {number}" for (truth, measured), number in sorted(confusion.items())))
     return path
 
 

@@ -382,7 +382,8 @@ def _mask_overlap(first: sitk.Image, second: sitk.Image) -> float:
     if np.any(high <= low):
         return 0.0
     a = sitk.GetArrayViewFromImage(first)[low[2]:high[2], low[1]:high[1], low[0]:high[0]] != 0
-    b = sitk.GetArrayViewFromImage(second)[low[2] - offset[2]:high[2] - offset[2], low[1] - offset[1]:high[1] - offset[1],
+    b = sitk.GetArrayViewFromImage(second)[low[2] - offset[2]:high[2] - offset[2],
+                                           low[1] - offset[1]:high[1] - offset[1],
                                            low[0] - offset[0]:high[0] - offset[0]] != 0
     smaller = min(_voxels(first), _voxels(second))
     return float(np.count_nonzero(a & b)) / max(smaller, 1)
@@ -454,10 +455,10 @@ def _mask_corners_lps(mask: sitk.Image) -> np.ndarray:
 
 FINDING_COLUMNS = ("nodule", "confidence", "method", "lung", "type", "longest_axial_diameter_mm",
                    "mean_axial_diameter_mm", "longest_diameter_3d_mm", "volume_mm3", "mean_hu", "solid_fraction",
-                   "lung_rads_size_band", "center_r_mm", "center_a_mm", "center_s_mm")
+                   "solid_mean_axial_diameter_mm", "lung_rads_size_band", "center_r_mm", "center_a_mm", "center_s_mm")
 FINDING_UNITS = {"confidence": "", "longest_axial_diameter_mm": "mm", "mean_axial_diameter_mm": "mm",
                  "longest_diameter_3d_mm": "mm", "volume_mm3": "mm3", "mean_hu": "HU", "solid_fraction": "",
-                 "center_r_mm": "mm", "center_a_mm": "mm", "center_s_mm": "mm"}
+                 "solid_mean_axial_diameter_mm": "mm", "center_r_mm": "mm", "center_a_mm": "mm", "center_s_mm": "mm"}
 
 
 def nodule_label(number: int) -> str:
@@ -465,7 +466,8 @@ def nodule_label(number: int) -> str:
 
 
 def finding_rows(result: NoduleDetectionResult) -> List[dict]:
-    """One row per nodule (strongest first) for the results table and the CSV. Centres in RAS, as Slicer shows them."""
+    """One row per nodule (strongest first) for the results table and the CSV. Centres in RAS, as Slicer shows them.
+    The solid part's mean axial diameter is the size that sets a part-solid nodule's Lung-RADS band."""
     rows = []
     for number, nodule in enumerate(result.nodules):
         m = nodule.measurement
@@ -477,6 +479,7 @@ def finding_rows(result: NoduleDetectionResult) -> List[dict]:
                      "longest_diameter_3d_mm": round(m.longest_diameter_3d_mm, 1),
                      "volume_mm3": round(m.volume_mm3, 1), "mean_hu": round(m.mean_hu, 0),
                      "solid_fraction": round(m.solid_fraction, 2),
+                     "solid_mean_axial_diameter_mm": round(m.solid_mean_axial_diameter_mm, 1),
                      "lung_rads_size_band": m.lung_rads_size_category,
                      "center_r_mm": round(-x, 1), "center_a_mm": round(-y, 1), "center_s_mm": round(z, 1)})
     return rows
@@ -485,7 +488,8 @@ def finding_rows(result: NoduleDetectionResult) -> List[dict]:
 def finding_description(row: dict) -> str:
     """The one-line description a point's label carries in the views."""
     side = f", {row['lung']} lung" if row["lung"] else ""
-    return (f"{row['nodule']}: {row['longest_axial_diameter_mm']:.1f} mm {row['type']} nodule{side}, "
+    solid = f" (solid part {row['solid_mean_axial_diameter_mm']:.1f} mm)" if row["type"] == "part-solid" else ""
+    return (f"{row['nodule']}: {row['longest_axial_diameter_mm']:.1f} mm {row['type']} nodule{solid}{side}, "
             f"confidence {row['confidence']:.2f}, Lung-RADS size band {row['lung_rads_size_band']} (size only, "
             "not a diagnosis)")
 

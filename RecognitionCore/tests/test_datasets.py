@@ -48,6 +48,10 @@ def test_synthetic_detection_dataset_is_luna16_and_deterministic(tmp_path):
     assert [(float(row["coordX"]), float(row["diameter_mm"])) for row in truth] == \
         [(center[0], diameter) for center, diameter in cases[0].nodules]
     assert all(row["kind"] == "nodule" and row["type"] in ("solid", "part-solid", "ground-glass") for row in truth)
+    solid_part = {"solid": (1.0, 1.0), "part-solid": (0.35, 0.6), "ground-glass": (0.0, 0.0)}
+    for row in truth:  # the solid part's diameter, as a fraction of the nodule's
+        low, high = solid_part[row["type"]]
+        assert low <= float(row["solid_diameter_mm"]) / float(row["diameter_mm"]) <= high, row
     reread = datasets.luna16_cases(tmp_path / "a", tmp_path / "a" / "annotations.csv")
     assert reread == cases
     image, nodules = datasets.load_detection_case(cases[0])

@@ -85,6 +85,18 @@ def test_solid_nodule_volume_matches_the_sphere_at_fine_spacing():
     assert abs(_volume_ml(lesions == 1, phantom.image) - phantom.nodules[0].mask_volume_ml) < 1e-9
 
 
+def test_solid_part_diameter_is_what_is_painted():
+    specs = [NoduleSpec(10.0, "part-solid", "isolated"), NoduleSpec(6.0, "solid", "isolated")]
+    phantom = make_chest_ct((160, 160, 128), (0.8, 0.8, 0.8), seed=3, nodules=specs)
+    part_solid, solid = phantom.nodules
+    assert solid.solid_diameter_mm == solid.diameter_mm
+    assert 0.35 * part_solid.diameter_mm <= part_solid.solid_diameter_mm <= 0.6 * part_solid.diameter_mm
+    image, _, lesions = _arrays(phantom)
+    core = (lesions == part_solid.id) & (image > -250)  # halfway between the ground glass and the core
+    core_ml = _volume_ml(core, phantom.image)
+    assert abs(core_ml / (math.pi * part_solid.solid_diameter_mm ** 3 / 6000.0) - 1.0) < 0.25, core_ml
+
+
 def test_nodules_touch_what_their_location_says():
     specs = [NoduleSpec(12.0, "solid", "juxta-pleural"), NoduleSpec(8.0, "solid", "juxta-vascular"),
              NoduleSpec(9.0, "solid", "isolated")]

@@ -52,6 +52,7 @@ def test_finds_both_phantom_nodules_and_writes_them_to_the_scene(app):
     solid, solid_row = found_types["solid"]
     assert abs(solid.measurement.longest_axial_diameter_mm - SOLID_MM) < 3.0, solid_row
     assert solid_row["type"] == "solid" and found_types["ground-glass"][1]["type"] == "ground-glass"
+    assert abs(solid_row["solid_mean_axial_diameter_mm"] - solid_row["mean_axial_diameter_mm"]) <= 1.5, solid_row
     for nodule, row in found_types.values():  # LPS: the patient's right is -x
         assert row["lung"] == ("right" if nodule.center_lps_mm[0] < 0 else "left"), row
     assert len(rows) <= 4, rows  # at most two false positives on this phantom
@@ -65,7 +66,8 @@ def test_finds_both_phantom_nodules_and_writes_them_to_the_scene(app):
     names = [segments.GetNthSegment(n).GetName() for n in range(segments.GetNumberOfSegments())]
     assert names[:2] == ["Right lung", "Left lung"] and names[2:] == [r["nodule"] for r in rows]
     assert outputs.table.GetNumberOfRows() == len(rows)
-    assert outputs.table.GetTable().GetColumnByName("volume_mm3") is not None
+    for column in ("volume_mm3", "solid_mean_axial_diameter_mm", "lung_rads_size_band"):
+        assert outputs.table.GetTable().GetColumnByName(column) is not None, column
     hierarchy = app.scene.GetSubjectHierarchyNode()
     folder = hierarchy.GetItemParent(hierarchy.GetItemByDataNode(outputs.table))
     assert hierarchy.GetItemName(folder) == "Nodules"
@@ -91,6 +93,15 @@ def test_errors_and_cancel_leave_no_nodes_and_the_input_untouched(app):
     assert_raises(InputError, logic.process, None, match="No input volume")
     assert app.scene.GetNumberOfNodes() == count
     assert _fingerprint(volume) == before
+
+
+def test_a_part_solid_finding_says_how_large_its_solid_part_is():
+    row = {"nodule": "N2", "longest_axial_diameter_mm": 14.2, "type": "part-solid", "lung": "left",
+           "confidence": 0.91, "lung_rads_size_band": "3", "solid_mean_axial_diameter_mm": 5.1}
+    assert detection.finding_description(row) == ("N2: 14.2 mm part-solid nodule (solid part 5.1 mm), left lung, "
+                                                   "confidence 0.91, Lung-RADS size band 3 (size only, not a "
+                                                   "diagnosis)")
+    assert "solid part" not in detection.finding_description(dict(row, type="solid"))
 
 
 def test_merge_keeps_the_most_confident_of_overlapping_findings_and_the_whole_mass():
