@@ -577,6 +577,8 @@ def run_evaluate(args) -> int:
 
 
 def _evaluate_detection(args, evaluation, output: Path) -> int:
+    import numpy as np
+
     annotations = evaluation.read_annotations_csv(args.annotations)
     detections = evaluation.read_detections_csv(args.detections)
     excluded = evaluation.read_annotations_csv(args.excluded) if args.excluded else []
@@ -587,6 +589,9 @@ def _evaluate_detection(args, evaluation, output: Path) -> int:
     print(f"{match.scans} scans, {match.nodules} nodules, {len(detections)} detections: "
           f"{len(match.false_positive_probability)} false positives, {match.ignored} on irrelevant findings, "
           f"{match.duplicates} repeated hits on a nodule")
+    detected = int(np.isfinite(match.nodule_probability).sum())
+    print(f"{detected} of {match.nodules} nodules have a detection at some threshold: no threshold or ranking of these "
+          f"detections gets past sensitivity {detected / match.nodules:.3f}")
     rows = evaluation.froc_rows(curve)
     print(evaluation.format_table(rows))
     print(f"at threshold {counts.threshold:g}: precision {counts.precision:.3f}, recall {counts.recall:.3f}, "
@@ -594,7 +599,8 @@ def _evaluate_detection(args, evaluation, output: Path) -> int:
           f"{counts.false_negatives} FN)")
     output.mkdir(parents=True, exist_ok=True)
     evaluation.write_rows_csv(rows, output / "froc.csv")
-    metrics = {"scans": match.scans, "nodules": match.nodules, "froc": rows, "cpm": rows[-1]["sensitivity"],
+    metrics = {"scans": match.scans, "nodules": match.nodules, "nodules_detected": detected, "froc": rows,
+               "cpm": rows[-1]["sensitivity"],
                "at_threshold": {key: None if isinstance(value, float) and value != value else value
                                 for key, value in counts.__dict__.items()}}
     (output / "detection_metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -48,11 +48,25 @@ def test_detection_on_hand_made_csvs(tmp_path):
     assert [row["sensitivity"] for row in metrics["froc"]] == [0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 5.5 / 7]
     assert metrics["at_threshold"]["precision"] == 1 / 3 and metrics["at_threshold"]["recall"] == 0.5
     assert "4 scans, 2 nodules, 5 detections: 2 false positives, 1 on irrelevant findings" in out
+    assert "2 of 2 nodules have a detection at some threshold" in out and metrics["nodules_detected"] == 2
     assert "precision 0.333, recall 0.500, F1 0.400" in out
     assert "CPM" in out and "0.786" in out
     assert (tmp_path / "out" / "froc.png").stat().st_size > 10_000
     with open(tmp_path / "out" / "froc.csv") as stream:
         assert [row["fps_per_scan"] for row in csv.DictReader(stream)][-1] == "CPM"
+
+
+def test_detection_says_how_many_nodules_any_threshold_can_reach(tmp_path):
+    nodules = [Annotation("A", (0.0, 0.0, 0.0), 10.0), Annotation("A", (40.0, 0.0, 0.0), 6.0)]
+    detections = [Detection("A", (1.0, 0.0, 0.0), 0.2), Detection("A", (40.0, 9.0, 0.0), 0.9)]  # the second misses
+    status, out, _ = run_cli(
+        "evaluate", "detection", "--annotations", write_annotations(nodules, tmp_path / "annotations.csv"),
+        "--detections", evaluation.write_detections_csv(detections, tmp_path / "detections.csv"),
+        "--output", tmp_path / "out")
+    assert status == 0, out
+    assert "1 of 2 nodules have a detection at some threshold: no threshold or ranking of these detections gets " \
+           "past sensitivity 0.500" in out
+    assert json.loads((tmp_path / "out" / "detection_metrics.json").read_text())["nodules_detected"] == 1
 
 
 def test_detection_on_the_real_lidc_annotations(tmp_path, shared_data):
