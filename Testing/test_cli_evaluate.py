@@ -135,9 +135,8 @@ def test_synthetic_measurements_compare_findings_with_the_phantom_truth(tmp_path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dev"))
     import evaluate_nodule_detection as script
-    from RecognitionCore.phantoms import make_chest_ct
 
-    phantom = make_chest_ct(seed=script.SYNTHETIC_FIRST_SEED, nodules=script.NODULES_PER_CASE, **script.SYNTHETIC_GRID)
+    phantom = script.first_synthetic_case()
     uid = f"synthetic_{script.SYNTHETIC_FIRST_SEED:05d}"
     phantom.write_lesion_truth(tmp_path / f"{uid}_lesions.csv")
     truth = phantom.nodules[0]

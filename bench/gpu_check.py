@@ -31,7 +31,7 @@ from monai.networks.nets import UNet
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO), str(REPO / "NoduleDetect"), str(REPO / "dev")]
-from evaluate_nodule_detection import NODULES_PER_CASE, SYNTHETIC_FIRST_SEED, SYNTHETIC_GRID  # noqa: E402
+from evaluate_nodule_detection import first_synthetic_case  # noqa: E402
 from sliding_window import format_table, measure_throughput, synthetic_ct  # noqa: E402
 
 from RecognitionCore.device import choose_device, describe_device  # noqa: E402
@@ -164,10 +164,9 @@ def check_nodule_detection(device: torch.device, coarse: bool) -> None:
     the CPU, on the first synthetic evaluation case."""
     from NoduleDetectLib import detection
     from NoduleDetectLib.patch_classifier import candidate_patches
-    from RecognitionCore.phantoms import make_chest_ct
 
-    grid = dict(size_ijk=(128, 128, 48), spacing_mm=(2.75, 2.75, 6.25)) if coarse else SYNTHETIC_GRID
-    image = make_chest_ct(seed=SYNTHETIC_FIRST_SEED, nodules=NODULES_PER_CASE, **grid).image
+    coarse_grid = dict(size_ijk=(128, 128, 48), spacing_mm=(2.75, 2.75, 6.25))
+    image = first_synthetic_case(coarse_grid if coarse else None).image
     lungs = detection.lung_mask(detection.segment_lungs(image))
     patches = candidate_patches(image, [c.center_lps_mm for c in detection.blob_candidates(image, lungs)])
     network = detection.CandidateClassifier.load().network

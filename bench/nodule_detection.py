@@ -34,7 +34,15 @@ def load(ct: str, slices: int):
 
     from RecognitionCore.preprocessing import resample_to_reference
 
-    image = evaluation_phantom() if ct == "phantom" else read_ct(ct)
+    if ct == "phantom":
+        sys.path.insert(0, str(REPO / "dev"))
+        from evaluate_nodule_detection import first_synthetic_case
+
+        image = first_synthetic_case().image
+    else:
+        from RecognitionCore.io import read_image  # needs slicer-core, which a GPU machine may lack
+
+        image = read_image(ct)
     if slices and slices != image.GetSize()[2]:
         spacing = list(image.GetSpacing())
         spacing[2] *= image.GetSize()[2] / slices
@@ -44,21 +52,6 @@ def load(ct: str, slices: int):
         reference.SetDirection(image.GetDirection())
         image = sitk.Cast(resample_to_reference(image, reference, "linear"), sitk.sitkInt16)
     return image
-
-
-def evaluation_phantom():
-    sys.path.insert(0, str(REPO / "dev"))
-    from evaluate_nodule_detection import NODULES_PER_CASE, SYNTHETIC_FIRST_SEED, SYNTHETIC_GRID
-
-    from RecognitionCore.phantoms import make_chest_ct
-
-    return make_chest_ct(seed=SYNTHETIC_FIRST_SEED, nodules=NODULES_PER_CASE, **SYNTHETIC_GRID).image
-
-
-def read_ct(path: str):
-    from RecognitionCore.io import read_image
-
-    return read_image(path)
 
 
 def detector():

@@ -31,6 +31,14 @@ SIZE_BANDS_MM = ((3, 5), (5, 8), (8, 12), (12, 30))
 LIDC_0001_UID = "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192"
 
 
+def first_synthetic_case(grid=None):
+    """The first synthetic evaluation phantom (for benchmarks and checks), on ``grid`` (size_ijk, spacing_mm) or the
+    evaluation's own."""
+    from RecognitionCore.phantoms import make_chest_ct
+
+    return make_chest_ct(seed=SYNTHETIC_FIRST_SEED, nodules=NODULES_PER_CASE, **(grid or SYNTHETIC_GRID))
+
+
 def detect(inputs, output: Path, extra=()) -> Path:
     """`cli nodules` on the inputs, keeping every candidate (the FROC needs them); returns detections.csv."""
     if cli.main(["nodules", "--quiet", "--min-confidence", "0", "--output", str(output),
