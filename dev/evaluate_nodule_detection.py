@@ -5,7 +5,9 @@ detection` prints the FROC table (sensitivity at 1/8..8 FP/scan, CPM, precision/
 
 Two sets: a synthetic one of generated chest phantoms (3-30 mm nodules: solid, part-solid and ground-glass;
 isolated, juxta-pleural and juxta-vascular; vessel trees) in LUNA16 layout, and the real LIDC-IDRI cases of
-../shared/data/lidc (reader clusters of nodules >= 3 mm; the goal counts those with >= 3 readers).
+../shared/data/lidc (reader clusters of nodules >= 3 mm; the goal counts those with >= 3 readers). As in LUNA16, a
+detection on what the readers marked but the evaluated set leaves out (a cluster with fewer readers, a nodule under
+3 mm) counts neither as a hit nor as a false positive.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import csv
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -47,9 +50,10 @@ def detect(inputs, output: Path, extra=()) -> Path:
     return output / "detections.csv"
 
 
-def evaluate(annotations: Path, detections: Path, output: Path, title: str) -> int:
+def evaluate(annotations: Path, detections: Path, output: Path, title: str, excluded: Optional[Path] = None) -> int:
     return cli.main(["evaluate", "detection", "--annotations", str(annotations), "--detections", str(detections),
-                     "--title", title, "--output", str(output), "--threshold", "0.5"])
+                     "--title", title, "--output", str(output), "--threshold", "0.5",
+                     *(["--excluded", str(excluded)] if excluded else [])])
 
 
 def lidc_annotations(shared: Path, output: Path, min_readers: int) -> Path:
@@ -63,6 +67,25 @@ def lidc_annotations(shared: Path, output: Path, min_readers: int) -> Path:
             if int(row["n_readers"]) >= min_readers:
                 writer.writerow([row["seriesuid"], row["coordX"], row["coordY"], row["coordZ"],
                                  row["approx_max_extent_mm"]])
+    return path
+
+
+def lidc_excluded(shared: Path, output: Path, min_readers: int) -> Path:
+    """LUNA16's irrelevant findings for the clusters with at least ``min_readers`` readers: the clusters with fewer
+    (their extent as diameter) and every read of a nodule under 3 mm (diameter -1, as in LUNA16's
+    annotations_excluded.csv; such a point counts with the evaluation's fixed radius)."""
+    path = output / f"excluded_{min_readers}_readers.csv"
+    with open(shared / "lidc" / "annotations.csv") as clusters, open(shared / "lidc" / "reads.csv") as reads, \
+            open(path, "w", newline="") as target:
+        writer = csv.writer(target)
+        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+        for row in csv.DictReader(clusters):
+            if int(row["n_readers"]) < min_readers:
+                writer.writerow([row["seriesuid"], row["coordX"], row["coordY"], row["coordZ"],
+                                 row["approx_max_extent_mm"]])
+        for row in csv.DictReader(reads):
+            if row["ge3mm"] != "True":
+                writer.writerow([row["seriesuid"], row["wx"], row["wy"], row["wz"], -1])
     return path
 
 
@@ -156,8 +179,9 @@ def main(argv=None) -> int:
             link.symlink_to((shared / "lidc" / "LIDC-IDRI-0003.nrrd").resolve())
         detections = detect([shared / "lidc" / "LIDC-IDRI-0001", link], output / "lidc", extra)
         for readers in (3, 1):
-            evaluate(lidc_annotations(shared, output / f"lidc-{readers}-readers", readers), detections,
-                     output / f"lidc-{readers}-readers", f"LIDC-IDRI-0001/0003, >= {readers} readers")
+            folder = output / f"lidc-{readers}-readers"
+            evaluate(lidc_annotations(shared, folder, readers), detections, folder,
+                     f"LIDC-IDRI-0001/0003, >= {readers} readers", lidc_excluded(shared, folder, readers))
     if args.synthetic:
         folder = output / "synthetic-data"
         cases = datasets.write_synthetic_detection_dataset(folder, args.synthetic, seed=SYNTHETIC_FIRST_SEED,
