@@ -3,11 +3,11 @@ per nodule -> merged, scored findings. No MRML here: the module's Logic writes t
 command line into files.
 
 Classical path: multi-scale Hessian dot candidates in the lungs (``candidates.py``) with a low threshold, so that
-faint and small nodules are among them; a small 3D CNN scores every one from the CT around it (on the GPU when
-present; ``patch_classifier.py``) and the most nodule-like are kept (segmenting every candidate would cost ~0.1 s
-each); each of those is segmented (``nodules.py``) and described by hand-made features (``features.py``) that a
-random forest turns into a nodule probability (``classifier.py``, shipped as JSON); the confidence is the product of
-the network's and the forest's probabilities. Deep path: a detection model of the catalogue (the MONAI model zoo's
+faint and small nodules are among them; two small 3D CNNs score every one from the CT around it (their mean; on the
+GPU when present; ``patch_classifier.py``) and the most nodule-like are kept (segmenting every candidate would cost
+~0.1 s each); each of those is segmented (``nodules.py``) and described by hand-made features (``features.py``) that
+a random forest turns into a nodule probability (``classifier.py``, shipped as JSON); the confidence is the product
+of the networks' and the forest's probabilities. Deep path: a detection model of the catalogue (the MONAI model zoo's
 ``lung_nodule_ct_detection`` bundle or a model trained with this project) run only inside the lung bounding box;
 each box is segmented by the same region growing. Both: findings closer than their radius are merged, keeping the
 higher confidence.
@@ -33,11 +33,12 @@ from .candidates import Candidate, find_candidates
 from .classifier import ForestModel
 from .features import candidate_features
 from .nodules import NoduleMeasurement, measure_nodule, segment_nodule
-from .patch_classifier import PatchClassifier, candidate_patches
+from .patch_classifier import PatchEnsemble, candidate_patches
 
 METHODS = ("classical", "deep", "both")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
-DEFAULT_PATCH_CLASSIFIER = MODELS_DIR / "nodule_candidate_cnn.pt"
+# the candidate CNNs, averaged: trained on nodules of every size, and with many 3-8 mm nodules more
+DEFAULT_PATCH_CLASSIFIERS = (MODELS_DIR / "nodule_candidate_cnn.pt", MODELS_DIR / "nodule_candidate_cnn_small.pt")
 DEFAULT_CLASSIFIER = MODELS_DIR / "nodule_candidate_forest.json"
 CANDIDATE_MIN_BLOB_SCORE = 12.0  # a 4 mm ground-glass nodule scores ~15; the filter's own default (20) misses it
 MAX_SEGMENTED_CANDIDATES = 200
@@ -152,15 +153,15 @@ def _block_fraction(mask: np.ndarray, factors: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CandidateClassifier:
-    """The two scorers of the classical path: ``network`` on the CT around every candidate, ``forest`` on the
-    features of each segmented candidate (``features.FEATURE_NAMES``)."""
+    """The two scorers of the classical path: ``network`` (the candidate CNNs) on the CT around every candidate,
+    ``forest`` on the features of each segmented candidate (``features.FEATURE_NAMES``)."""
 
-    network: PatchClassifier
+    network: PatchEnsemble
     forest: ForestModel
 
     @classmethod
-    def load(cls, network_path=DEFAULT_PATCH_CLASSIFIER, forest_path=DEFAULT_CLASSIFIER) -> "CandidateClassifier":
-        return cls(PatchClassifier.load(network_path), ForestModel.from_json(forest_path))
+    def load(cls, network_paths=DEFAULT_PATCH_CLASSIFIERS, forest_path=DEFAULT_CLASSIFIER) -> "CandidateClassifier":
+        return cls(PatchEnsemble.load(network_paths), ForestModel.from_json(forest_path))
 
 
 def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence: float = 0.5,
@@ -239,9 +240,9 @@ def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: 
     return scored
 
 
-def rank_by_network(image: sitk.Image, candidates: Sequence[Candidate], network: PatchClassifier,
+def rank_by_network(image: sitk.Image, candidates: Sequence[Candidate], network: PatchEnsemble,
                     device: str = "cpu", progress: Optional[Progress] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """(indices of the ``MAX_SEGMENTED_CANDIDATES`` candidates the network scores highest, best first; the network's
+    """(indices of the ``MAX_SEGMENTED_CANDIDATES`` candidates the networks score highest, best first; their mean
     probability of every candidate): the candidates the pipeline segments, and the forest is trained on."""
     probability = network.predict_proba(candidate_patches(image, [c.center_lps_mm for c in candidates]), progress,
                                         device)

@@ -6,7 +6,8 @@ whether the structure goes on beyond the blob, which hand-made features of the b
 network sees a cube of CT around the candidate: ``PATCH_MM`` mm on an axis-aligned LPS grid of ``PATCH_SPACING_MM``
 mm (whatever the input's grid and orientation), HU mapped from ``HU_RANGE`` to 0..1. It is trained on generated
 phantoms only (``train_patch_network``, called by ``dev/train_nodule_classifier.py``) with random shifts of up to
-``SHIFT_MM`` mm, flips of every axis and swaps of the two in-plane axes; it scores the centred cube.
+``SHIFT_MM`` mm, flips of every axis and swaps of the two in-plane axes; it scores the centred cube. The pipeline
+averages two such networks (``PatchEnsemble``) trained on different phantom mixes.
 
 The weights file is a ``torch.save`` dictionary of plain types and tensors (loaded with ``weights_only``, no pickle
 code): ``format``, ``format_version``, the patch geometry it was trained for, ``metadata`` and ``state_dict``.
@@ -137,6 +138,29 @@ class PatchClassifier:
                 logits = network(batch[:, None].to(device))[:, 0]
                 probabilities.append(torch.sigmoid(logits).double().cpu().numpy())
         return np.concatenate(probabilities) if probabilities else np.empty(0)
+
+
+class PatchEnsemble:
+    """Several trained networks whose mean probability scores each patch. The shipped pair: one trained on phantoms
+    with nodules of every size, one with many 3-8 mm nodules more; their mean ranks small nodules higher without
+    the second network's lower scores of large ones, and each one's errors weigh half."""
+
+    def __init__(self, members: Sequence[PatchClassifier]):
+        if not members:
+            raise InputError("a candidate network ensemble needs at least one network")
+        self.members = tuple(members)
+
+    @classmethod
+    def load(cls, paths: Sequence[Union[str, Path]]) -> "PatchEnsemble":
+        return cls([PatchClassifier.load(path) for path in paths])
+
+    def predict_proba(self, patches: np.ndarray, progress: Optional[Progress] = None,
+                      device: str = "cpu") -> np.ndarray:
+        """The members' mean probability of each patch (see ``PatchClassifier.predict_proba``)."""
+        progress = as_progress(progress)
+        count = len(self.members)
+        return np.mean(np.stack([member.predict_proba(patches, progress.sub(n / count, (n + 1) / count), device)
+                                 for n, member in enumerate(self.members)]), axis=0)
 
 
 def train_patch_network(patches: np.ndarray, labels: Sequence, iterations: int = 1500, batch_size: int = 64,

@@ -1,13 +1,14 @@
-"""The candidate CNN: patches sit on their centre in LPS whatever the grid; the shipped network tells a nodule from a
-vessel; training learns balls from tubes and the file round-trips; bad files and input are refused."""
+"""The candidate CNNs: patches sit on their centre in LPS whatever the grid; each shipped network tells a nodule from
+a vessel, and the ensemble gives their mean; training learns balls from tubes and the file round-trips; bad files and
+input are refused."""
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from NoduleDetectLib.classifier import roc_auc
-from NoduleDetectLib.detection import DEFAULT_PATCH_CLASSIFIER
-from NoduleDetectLib.patch_classifier import (HU_RANGE, PATCH_MM, PatchClassifier, candidate_patches,
+from NoduleDetectLib.detection import DEFAULT_PATCH_CLASSIFIERS
+from NoduleDetectLib.patch_classifier import (HU_RANGE, PATCH_MM, PatchClassifier, PatchEnsemble, candidate_patches,
                                               train_patch_network)
 from RecognitionCore.errors import InputError, ModelError
 from RecognitionCore.testing import assert_raises
@@ -63,15 +64,21 @@ def _ball_and_tube_patches(count, rng):
     return np.stack(patches), np.array(labels)
 
 
-def test_shipped_network_scores_nodules_above_vessels():
-    network = PatchClassifier.load(DEFAULT_PATCH_CLASSIFIER)
+def test_shipped_networks_score_nodules_above_vessels_and_the_ensemble_averages_them():
     patches, is_ball = _ball_and_tube_patches(40, np.random.default_rng(1))
-    probability = network.predict_proba(patches)
-    assert probability.shape == (40,) and np.all((probability >= 0) & (probability <= 1))
-    assert np.median(probability[is_ball]) > 0.5 > np.median(probability[~is_ball]), probability
-    assert "phantoms" in network.metadata["description"]
+    ensemble = PatchEnsemble.load(DEFAULT_PATCH_CLASSIFIERS)
+    members = [member.predict_proba(patches) for member in ensemble.members]
+    assert len(members) == 2 and "3-8 mm" in ensemble.members[1].metadata["description"]
+    for network, probability in zip(ensemble.members, members):
+        assert probability.shape == (40,) and np.all((probability >= 0) & (probability <= 1))
+        assert np.median(probability[is_ball]) > 0.5 > np.median(probability[~is_ball]), probability
+        assert "phantoms" in network.metadata["description"]
+    assert not np.allclose(members[0], members[1], atol=0.01)  # two different networks
+    probability = ensemble.predict_proba(patches)
+    assert np.allclose(probability, (members[0] + members[1]) / 2, atol=1e-12)
     # "auto": a working GPU (TF32 convolutions: within 1e-3, bench/gpu_check.py), else the CPU
-    assert np.allclose(network.predict_proba(patches, device="auto"), probability, atol=0.01)
+    assert np.allclose(ensemble.predict_proba(patches, device="auto"), probability, atol=0.01)
+    assert_raises(InputError, PatchEnsemble, [], match="at least one network")
 
 
 def test_training_learns_balls_from_tubes_and_the_file_round_trips(tmp_path):
@@ -96,14 +103,14 @@ def test_bad_network_files_and_input_are_refused(tmp_path):
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     assert_raises(ModelError, PatchClassifier.load, foreign, match="not a nodule candidate network")
-    shipped = torch.load(DEFAULT_PATCH_CLASSIFIER, weights_only=True)
+    shipped = torch.load(DEFAULT_PATCH_CLASSIFIERS[0], weights_only=True)
     shipped["state_dict"] = {name: value[..., :1] if value.dim() else value
                              for name, value in shipped["state_dict"].items()}
     torn = tmp_path / "torn.pt"
     torch.save(shipped, torn)
     assert_raises(ModelError, PatchClassifier.load, torn, match="do not fit")
 
-    network = PatchClassifier.load(DEFAULT_PATCH_CLASSIFIER)
+    network = PatchClassifier.load(DEFAULT_PATCH_CLASSIFIERS[0])
     assert_raises(InputError, network.predict_proba, np.zeros((2, 10, 10, 10)), match="candidate patches must be")
     assert_raises(InputError, network.predict_proba, np.zeros((2,) + (PATCH_MM,) * 3), device="cuda:63",
                   match="'cuda:63' was requested")
