@@ -819,7 +819,7 @@ def _gap_to_segments(center, segments: np.ndarray, min_segment_radius: float = 0
     return float((distance[0] - (rows[:, 6] + t[0] * (rows[:, 7] - rows[:, 6]))).min())
 
 
-def _log_uniform_diameter_mm(rng, low: float, high: float) -> float:
+def log_uniform_diameter_mm(rng, low: float, high: float) -> float:
     """A diameter drawn uniformly in log scale (as many small lesions as large ones per size octave), 0.1 mm steps."""
     return float(round(math.exp(rng.uniform(math.log(low), math.log(high))), 1))
 
@@ -833,7 +833,7 @@ def _nodule_specs(nodules, rng, max_diameter: float) -> List[NoduleSpec]:
             raise InputError(f"nodules must be between 0 and 50, got {nodules}")
         type_offset, location_offset = rng.integers(0, 3, size=2)
         low, high = NODULE_DIAMETER_RANGE_MM[0], max(NODULE_DIAMETER_RANGE_MM[0], max_diameter)
-        return [NoduleSpec(diameter_mm=_log_uniform_diameter_mm(rng, low, high),
+        return [NoduleSpec(diameter_mm=log_uniform_diameter_mm(rng, low, high),
                            type=NODULE_TYPES[(k + type_offset) % 3],
                            location=NODULE_LOCATIONS[(k + location_offset + k // 3) % 3])
                 for k in range(int(nodules))]
@@ -1129,7 +1129,7 @@ def _tumour_specs(tumours, rng, max_diameter: float) -> List[TumourSpec]:
         if not 0 <= tumours <= 20:
             raise InputError(f"tumours must be between 0 and 20, got {tumours}")
         low, high = TUMOUR_DIAMETER_RANGE_MM[0], max(TUMOUR_DIAMETER_RANGE_MM[0], max_diameter)
-        return [TumourSpec(_log_uniform_diameter_mm(rng, low, high))
+        return [TumourSpec(log_uniform_diameter_mm(rng, low, high))
                 for _ in range(int(tumours))]
     specs = list(tumours) if isinstance(tumours, (list, tuple)) else [tumours]
     for spec in specs:

@@ -17,7 +17,7 @@ import csv
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from RecognitionCore import cli, datasets  # noqa: E402
 from NoduleDetectLib.nodules import lung_rads_size_category  # noqa: E402
 
 SYNTHETIC_GRID = dict(size_ijk=(320, 320, 120), spacing_mm=(1.1, 1.1, 2.5))
-SYNTHETIC_FIRST_SEED = 7000  # the classifier trains on seeds 5000+ (dev/train_nodule_classifier.py)
+SYNTHETIC_FIRST_SEED = 7000  # the classifier trains on seeds 5000+ and 6000+ (dev/train_nodule_classifier.py)
 NODULES_PER_CASE = 6
 DEFAULT_CONFIDENCE = 0.5  # the module's default threshold: measurements are judged on the findings a reader sees
 SIZE_BANDS_MM = ((3, 5), (5, 8), (8, 12), (12, 30))
@@ -56,37 +56,27 @@ def evaluate(annotations: Path, detections: Path, output: Path, title: str, excl
                      *(["--excluded", str(excluded)] if excluded else [])])
 
 
-def lidc_annotations(shared: Path, output: Path, min_readers: int) -> Path:
-    """The LIDC reader clusters with at least ``min_readers`` readers, in the LUNA16 layout with diameter_mm."""
-    path = output / f"annotations_{min_readers}_readers.csv"
+def lidc_reference(shared: Path, output: Path, min_readers: int) -> Tuple[Path, Path]:
+    """(annotations, excluded) in the LUNA16 layout with diameter_mm: the LIDC reader clusters with at least
+    ``min_readers`` readers, and LUNA16's irrelevant findings for them: the clusters with fewer (their extent as
+    diameter) and every read of a nodule under 3 mm (diameter -1, as in LUNA16's annotations_excluded.csv; such a
+    point counts with the evaluation's fixed radius)."""
     output.mkdir(parents=True, exist_ok=True)
-    with open(shared / "lidc" / "annotations.csv") as source, open(path, "w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
-        for row in csv.DictReader(source):
-            if int(row["n_readers"]) >= min_readers:
-                writer.writerow([row["seriesuid"], row["coordX"], row["coordY"], row["coordZ"],
-                                 row["approx_max_extent_mm"]])
-    return path
-
-
-def lidc_excluded(shared: Path, output: Path, min_readers: int) -> Path:
-    """LUNA16's irrelevant findings for the clusters with at least ``min_readers`` readers: the clusters with fewer
-    (their extent as diameter) and every read of a nodule under 3 mm (diameter -1, as in LUNA16's
-    annotations_excluded.csv; such a point counts with the evaluation's fixed radius)."""
-    path = output / f"excluded_{min_readers}_readers.csv"
+    annotations = output / f"annotations_{min_readers}_readers.csv"
+    excluded = output / f"excluded_{min_readers}_readers.csv"
     with open(shared / "lidc" / "annotations.csv") as clusters, open(shared / "lidc" / "reads.csv") as reads, \
-            open(path, "w", newline="") as target:
-        writer = csv.writer(target)
-        writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
+            open(annotations, "w", newline="") as nodules_file, open(excluded, "w", newline="") as excluded_file:
+        nodules, irrelevant = csv.writer(nodules_file), csv.writer(excluded_file)
+        for writer in (nodules, irrelevant):
+            writer.writerow(["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
         for row in csv.DictReader(clusters):
-            if int(row["n_readers"]) < min_readers:
-                writer.writerow([row["seriesuid"], row["coordX"], row["coordY"], row["coordZ"],
-                                 row["approx_max_extent_mm"]])
+            writer = nodules if int(row["n_readers"]) >= min_readers else irrelevant
+            writer.writerow([row["seriesuid"], row["coordX"], row["coordY"], row["coordZ"],
+                             row["approx_max_extent_mm"]])
         for row in csv.DictReader(reads):
             if row["ge3mm"] != "True":
-                writer.writerow([row["seriesuid"], row["wx"], row["wy"], row["wz"], -1])
-    return path
+                irrelevant.writerow([row["seriesuid"], row["wx"], row["wy"], row["wz"], -1])
+    return annotations, excluded
 
 
 def synthetic_measurements(truth: Path, findings: Path) -> Path:
@@ -180,8 +170,8 @@ def main(argv=None) -> int:
         detections = detect([shared / "lidc" / "LIDC-IDRI-0001", link], output / "lidc", extra)
         for readers in (3, 1):
             folder = output / f"lidc-{readers}-readers"
-            evaluate(lidc_annotations(shared, folder, readers), detections, folder,
-                     f"LIDC-IDRI-0001/0003, >= {readers} readers", lidc_excluded(shared, folder, readers))
+            annotations, excluded = lidc_reference(shared, folder, readers)
+            evaluate(annotations, detections, folder, f"LIDC-IDRI-0001/0003, >= {readers} readers", excluded)
     if args.synthetic:
         folder = output / "synthetic-data"
         cases = datasets.write_synthetic_detection_dataset(folder, args.synthetic, seed=SYNTHETIC_FIRST_SEED,

@@ -25,7 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "NoduleDetect")]
 from RecognitionCore.anatomy import segment_lungs  # noqa: E402
-from RecognitionCore.phantoms import NODULE_LOCATIONS, NODULE_TYPES, NoduleSpec, make_chest_ct  # noqa: E402
+from RecognitionCore.phantoms import (NODULE_LOCATIONS, NODULE_TYPES, NoduleSpec, log_uniform_diameter_mm,  # noqa: E402
+                                      make_chest_ct)
 from NoduleDetectLib import detection  # noqa: E402
 from NoduleDetectLib.classifier import train_forest  # noqa: E402
 from NoduleDetectLib.patch_classifier import PatchEnsemble, candidate_patches, train_patch_network  # noqa: E402
@@ -45,8 +46,7 @@ NETWORK_FIRST_SEED, FOREST_FIRST_SEED, SMALL_NODULE_FIRST_SEED = 5000, 5100, 600
 def small_nodule_specs(seed: int):
     """SMALL_NODULES_PER_CASE nodules, log-uniform in SMALL_NODULE_RANGE_MM, every type and location in turn."""
     rng = np.random.default_rng(seed)
-    low, high = np.log(SMALL_NODULE_RANGE_MM)
-    return [NoduleSpec(float(np.round(np.exp(rng.uniform(low, high)), 1)), NODULE_TYPES[k % 3],
+    return [NoduleSpec(log_uniform_diameter_mm(rng, *SMALL_NODULE_RANGE_MM), NODULE_TYPES[k % 3],
                        NODULE_LOCATIONS[(k + k // 3) % 3]) for k in range(SMALL_NODULES_PER_CASE)]
 
 
