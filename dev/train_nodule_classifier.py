@@ -2,15 +2,16 @@
 them beside the module (NoduleDetect/Resources/Models/): the two candidate CNNs (.pt) and the random forest (JSON).
 
     .venv/bin/python dev/train_nodule_classifier.py [--network-cases 48] [--small-nodule-cases 48] [--cases 32]
-                                                    [--network FILE FILE]
+                                                    [--small-nodule-forest-cases 32] [--network FILE FILE]
 
 Stage 1 (the candidate CNNs, on the CT around each candidate) learns from every candidate of its phantoms: the
 first network from phantoms with nodules of every size, the second from the same plus phantoms with many 3-8 mm
 nodules (the pipeline averages the two); stage 2 (the forest, on the features of each segmented candidate) learns
-from the candidates the two networks keep on other phantoms, as the pipeline sees them. A candidate is a positive
-when its centre lies within the radius of a true nodule (the LUNA16 hit rule). The training description is stored in
-each file, and the forest's out-of-bag metrics. ``--network`` skips stage 1 and uses trained CNNs (to retrain the
-forest after a change to segmentation or features).
+from the candidates the two networks keep on other phantoms of both kinds, as the pipeline sees them (without the
+small-nodule ones it scored most nodules under 5 mm low). A candidate is a positive when its centre lies within the
+radius of a true nodule (the LUNA16 hit rule). The training description is stored in each file, and the forest's
+out-of-bag metrics. ``--network`` skips stage 1 and uses trained CNNs (to retrain the forest after a change to
+segmentation or features).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ NODULES_PER_CASE = 6
 # of 3-30 mm log-uniform sizes, and the blob filter reaches fewer of them).
 SMALL_NODULES_PER_CASE = 14
 SMALL_NODULE_RANGE_MM = (3.0, 8.0)
-NETWORK_FIRST_SEED, FOREST_FIRST_SEED, SMALL_NODULE_FIRST_SEED = 5000, 5100, 6000  # evaluation: SYNTHETIC_FIRST_SEED
+NETWORK_FIRST_SEED, FOREST_FIRST_SEED = 5000, 5100
+SMALL_NODULE_FIRST_SEED, SMALL_NODULE_FOREST_FIRST_SEED = 6000, 6100  # evaluation: SYNTHETIC_FIRST_SEED
 
 
 def small_nodule_specs(seed: int):
@@ -48,6 +50,12 @@ def small_nodule_specs(seed: int):
     rng = np.random.default_rng(seed)
     return [NoduleSpec(log_uniform_diameter_mm(rng, *SMALL_NODULE_RANGE_MM), NODULE_TYPES[k % 3],
                        NODULE_LOCATIONS[(k + k // 3) % 3]) for k in range(SMALL_NODULES_PER_CASE)]
+
+
+def small_nodule_phantoms(cases: int, first_seed: int) -> str:
+    """How ``cases`` phantoms of ``small_nodule_specs`` from ``first_seed`` on are described in the model files."""
+    low, high = SMALL_NODULE_RANGE_MM
+    return f"{cases} with {SMALL_NODULES_PER_CASE} nodules of {low:g}-{high:g} mm each (seeds {first_seed}+)"
 
 
 def phantom_candidates(seed: int, nodules=NODULES_PER_CASE):
@@ -86,9 +94,7 @@ def train_networks(args, grid: str, started: float) -> PatchEnsemble:
     small_patches, small_labels = network_patches(
         range(SMALL_NODULE_FIRST_SEED, SMALL_NODULE_FIRST_SEED + args.small_nodule_cases), small_nodule_specs,
         started)
-    low, high = SMALL_NODULE_RANGE_MM
-    small = (f"{args.small_nodule_cases} with {SMALL_NODULES_PER_CASE} nodules of {low:g}-{high:g} mm each (seeds "
-             f"{SMALL_NODULE_FIRST_SEED}+)")
+    small = small_nodule_phantoms(args.small_nodule_cases, SMALL_NODULE_FIRST_SEED)
     second = train_patch_network(np.concatenate([patches, small_patches]), labels + small_labels,
                                  iterations=2 * args.iterations,
                                  description=f"{every_size} and {small}; every candidate of the blob filter")
@@ -105,22 +111,30 @@ def main(argv=None) -> int:
     parser.add_argument("--iterations", type=int, default=1500,
                         help="training steps of 64 patches of the first CNN (the second: twice as many)")
     parser.add_argument("--cases", type=int, default=32, help="phantoms for the forest")
+    parser.add_argument("--small-nodule-forest-cases", type=int, default=32,
+                        help="phantoms with small nodules for the forest")
     parser.add_argument("--network", type=Path, nargs="+", help="trained candidate CNNs: train the forest only")
     parser.add_argument("--output-dir", type=Path, default=detection.MODELS_DIR)
     args = parser.parse_args(argv)
     if not args.network and NETWORK_FIRST_SEED + args.network_cases > FOREST_FIRST_SEED:
         parser.error(f"--network-cases over {FOREST_FIRST_SEED - NETWORK_FIRST_SEED} would train the CNN on the "
                      "forest's phantoms")
-    if not args.network and SMALL_NODULE_FIRST_SEED + args.small_nodule_cases > SYNTHETIC_FIRST_SEED:
-        parser.error(f"--small-nodule-cases over {SYNTHETIC_FIRST_SEED - SMALL_NODULE_FIRST_SEED} would train on the "
-                     "evaluation's phantoms")
+    if not args.network and SMALL_NODULE_FIRST_SEED + args.small_nodule_cases > SMALL_NODULE_FOREST_FIRST_SEED:
+        parser.error(f"--small-nodule-cases over {SMALL_NODULE_FOREST_FIRST_SEED - SMALL_NODULE_FIRST_SEED} would "
+                     "train the CNN on the forest's phantoms")
+    if SMALL_NODULE_FOREST_FIRST_SEED + args.small_nodule_forest_cases > SYNTHETIC_FIRST_SEED:
+        parser.error(f"--small-nodule-forest-cases over {SYNTHETIC_FIRST_SEED - SMALL_NODULE_FOREST_FIRST_SEED} "
+                     "would train on the evaluation's phantoms")
     started = time.time()
     grid = f"{NODULES_PER_CASE} nodules of 3-30 mm each, {PHANTOM_GRID}"
     network = PatchEnsemble.load(args.network) if args.network else train_networks(args, grid, started)
 
     features, labels, reached, total = [], [], 0, 0
-    for seed in range(FOREST_FIRST_SEED, FOREST_FIRST_SEED + args.cases):
-        phantom, lungs, candidates, hits = phantom_candidates(seed)
+    phantoms = [(seed, NODULES_PER_CASE) for seed in range(FOREST_FIRST_SEED, FOREST_FIRST_SEED + args.cases)]
+    phantoms += [(seed, small_nodule_specs(seed)) for seed in
+                 range(SMALL_NODULE_FOREST_FIRST_SEED, SMALL_NODULE_FOREST_FIRST_SEED + args.small_nodule_forest_cases)]
+    for seed, nodules in phantoms:
+        phantom, lungs, candidates, hits = phantom_candidates(seed, nodules)
         kept, _ = detection.rank_by_network(phantom.image, candidates, network)
         described = detection.describe_candidates(phantom.image, lungs, [candidates[i] for i in kept])
         features += [row.features for row in described]
@@ -129,9 +143,10 @@ def main(argv=None) -> int:
         total += len(phantom.nodules)
         print(f"forest seed {seed}: {len(candidates)} candidates, kept {len(kept)}: {describe(hits[kept])} "
               f"({time.time() - started:.0f} s)", flush=True)
+    small = small_nodule_phantoms(args.small_nodule_forest_cases, SMALL_NODULE_FOREST_FIRST_SEED)
     forest = train_forest(np.stack(features), np.array(labels),
-                          description=f"{args.cases} generated chest phantoms (seeds {FOREST_FIRST_SEED}+, {grid}); "
-                                      f"the candidates the CNNs keep ({reached} of {total} nodules reached)")
+                          description=f"{args.cases} generated chest phantoms (seeds {FOREST_FIRST_SEED}+, {grid}) and "
+                                      f"{small}; the candidates the CNNs keep ({reached} of {total} nodules reached)")
     forest.to_json(args.output_dir / detection.DEFAULT_CLASSIFIER.name)
     print(f"forest: {forest.metadata['metrics']}")
     print(f"done in {time.time() - started:.0f} s")

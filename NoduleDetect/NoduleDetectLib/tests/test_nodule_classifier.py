@@ -272,3 +272,29 @@ def test_bad_features_and_labels_are_refused():
     assert_raises(InputError, train_forest, np.zeros((4, 2)), [0, 1, 2, 1], ("a", "b"), match="labels")
     assert_raises(InputError, train_forest, np.zeros((4, 2)), [0, 1], ("a", "b"), match="labels")
     assert json.loads(json.dumps(model.to_dict()))["trees"][0]["value"] == [1.0]
+
+
+def test_training_script_keeps_its_phantoms_apart(monkeypatch):
+    """Each of the script's phantom sets (CNNs, forest, small-nodule CNN, small-nodule forest, evaluation) has its own
+    seeds: a count that would run into the next set is refused before any phantom is made."""
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "dev"))
+    import train_nodule_classifier as script
+
+    def no_phantom(*args):
+        raise AssertionError("a phantom was made")
+
+    monkeypatch.setattr(script, "phantom_candidates", no_phantom)
+    assert (script.NETWORK_FIRST_SEED < script.FOREST_FIRST_SEED < script.SMALL_NODULE_FIRST_SEED
+            < script.SMALL_NODULE_FOREST_FIRST_SEED < script.SYNTHETIC_FIRST_SEED)
+    for option, next_seed, first_seed in (
+            ("--network-cases", script.FOREST_FIRST_SEED, script.NETWORK_FIRST_SEED),
+            ("--small-nodule-cases", script.SMALL_NODULE_FOREST_FIRST_SEED, script.SMALL_NODULE_FIRST_SEED),
+            ("--small-nodule-forest-cases", script.SYNTHETIC_FIRST_SEED, script.SMALL_NODULE_FOREST_FIRST_SEED)):
+        with pytest.raises(SystemExit) as refused:
+            script.main([option, str(next_seed - first_seed + 1), "--output-dir", "/nonexistent"])
+        assert refused.value.code == 2, option
