@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     if not args.network and NETWORK_FIRST_SEED + args.network_cases > FOREST_FIRST_SEED:
         parser.error(f"--network-cases over {FOREST_FIRST_SEED - NETWORK_FIRST_SEED} would train the CNN on the "
                      "forest's phantoms")
+    if FOREST_FIRST_SEED + args.cases > SMALL_NODULE_FIRST_SEED:
+        parser.error(f"--cases over {SMALL_NODULE_FIRST_SEED - FOREST_FIRST_SEED} would train the forest on the "
+                     "small-nodule CNN's phantoms")
     if not args.network and SMALL_NODULE_FIRST_SEED + args.small_nodule_cases > SMALL_NODULE_FOREST_FIRST_SEED:
         parser.error(f"--small-nodule-cases over {SMALL_NODULE_FOREST_FIRST_SEED - SMALL_NODULE_FIRST_SEED} would "
                      "train the CNN on the forest's phantoms")

@@ -1,12 +1,15 @@
 """Candidate features on synthetic patches with known answers (spheres, vessels, ground glass, empty masks); the JSON
-random forest against scikit-learn's own evaluation; a forest that tells nodules from vessels; bad models and input."""
+random forest against scikit-learn's own evaluation; a forest that tells nodules from vessels; bad models and input;
+the training script's phantom sets kept apart."""
 
 import importlib.util
 import json
 import math
 import unittest
+from pathlib import Path
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from NoduleDetectLib.classifier import FORMAT_VERSION, ForestModel, forest_from_sklearn, roc_auc, train_forest
@@ -277,12 +280,7 @@ def test_bad_features_and_labels_are_refused():
 def test_training_script_keeps_its_phantoms_apart(monkeypatch):
     """Each of the script's phantom sets (CNNs, forest, small-nodule CNN, small-nodule forest, evaluation) has its own
     seeds: a count that would run into the next set is refused before any phantom is made."""
-    import sys
-    from pathlib import Path
-
-    import pytest
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "dev"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "dev"))
     import train_nodule_classifier as script
 
     def no_phantom(*args):
@@ -293,6 +291,7 @@ def test_training_script_keeps_its_phantoms_apart(monkeypatch):
             < script.SMALL_NODULE_FOREST_FIRST_SEED < script.SYNTHETIC_FIRST_SEED)
     for option, next_seed, first_seed in (
             ("--network-cases", script.FOREST_FIRST_SEED, script.NETWORK_FIRST_SEED),
+            ("--cases", script.SMALL_NODULE_FIRST_SEED, script.FOREST_FIRST_SEED),
             ("--small-nodule-cases", script.SMALL_NODULE_FOREST_FIRST_SEED, script.SMALL_NODULE_FIRST_SEED),
             ("--small-nodule-forest-cases", script.SYNTHETIC_FIRST_SEED, script.SMALL_NODULE_FOREST_FIRST_SEED)):
         with pytest.raises(SystemExit) as refused:
