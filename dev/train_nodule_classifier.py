@@ -116,18 +116,19 @@ def main(argv=None) -> int:
     parser.add_argument("--network", type=Path, nargs="+", help="trained candidate CNNs: train the forest only")
     parser.add_argument("--output-dir", type=Path, default=detection.MODELS_DIR)
     args = parser.parse_args(argv)
-    if not args.network and NETWORK_FIRST_SEED + args.network_cases > FOREST_FIRST_SEED:
-        parser.error(f"--network-cases over {FOREST_FIRST_SEED - NETWORK_FIRST_SEED} would train the CNN on the "
-                     "forest's phantoms")
-    if FOREST_FIRST_SEED + args.cases > SMALL_NODULE_FIRST_SEED:
-        parser.error(f"--cases over {SMALL_NODULE_FIRST_SEED - FOREST_FIRST_SEED} would train the forest on the "
-                     "small-nodule CNN's phantoms")
-    if not args.network and SMALL_NODULE_FIRST_SEED + args.small_nodule_cases > SMALL_NODULE_FOREST_FIRST_SEED:
-        parser.error(f"--small-nodule-cases over {SMALL_NODULE_FOREST_FIRST_SEED - SMALL_NODULE_FIRST_SEED} would "
-                     "train the CNN on the forest's phantoms")
-    if SMALL_NODULE_FOREST_FIRST_SEED + args.small_nodule_forest_cases > SYNTHETIC_FIRST_SEED:
-        parser.error(f"--small-nodule-forest-cases over {SYNTHETIC_FIRST_SEED - SMALL_NODULE_FOREST_FIRST_SEED} "
-                     "would train on the evaluation's phantoms")
+    # (option, its count, its first seed, the next set's first seed and name; the CNNs' counts matter only when
+    # they are trained): each set of phantoms keeps to its own seeds
+    phantom_sets = (
+        ("--network-cases", args.network_cases if not args.network else 0, NETWORK_FIRST_SEED, FOREST_FIRST_SEED,
+         "the forest's"),
+        ("--cases", args.cases, FOREST_FIRST_SEED, SMALL_NODULE_FIRST_SEED, "the small-nodule CNN's"),
+        ("--small-nodule-cases", args.small_nodule_cases if not args.network else 0, SMALL_NODULE_FIRST_SEED,
+         SMALL_NODULE_FOREST_FIRST_SEED, "the small-nodule forest's"),
+        ("--small-nodule-forest-cases", args.small_nodule_forest_cases, SMALL_NODULE_FOREST_FIRST_SEED,
+         SYNTHETIC_FIRST_SEED, "the evaluation's"))
+    for option, count, first_seed, next_seed, next_set in phantom_sets:
+        if first_seed + count > next_seed:
+            parser.error(f"{option} over {next_seed - first_seed} would train on {next_set} phantoms")
     started = time.time()
     grid = f"{NODULES_PER_CASE} nodules of 3-30 mm each, {PHANTOM_GRID}"
     network = PatchEnsemble.load(args.network) if args.network else train_networks(args, grid, started)
