@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,3 +161,26 @@ def test_synthetic_measurements_compare_findings_with_the_phantom_truth(tmp_path
     assert "Lung-RADS size band (truth -> measured): 2 -> 3: 1" in printed.getvalue()
     assert "solid part of the 1 part-solid nodules typed part-solid: mean axial diameter error +0.5" in \
         printed.getvalue()
+
+
+def test_lidc_types_set_the_readers_texture_beside_each_finding(tmp_path, shared_data, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "dev"))
+    import evaluate_nodule_detection as script
+
+    with open(shared_data / "lidc" / "annotations.csv") as file:
+        clusters = list(csv.DictReader(file))
+    first = clusters[0]  # LIDC-IDRI-0001's nodule: its DICOM folder names the findings
+    assert first["seriesuid"] == script.LIDC_0001_UID
+    r, a, s = -float(first["coordX"]), -float(first["coordY"]), float(first["coordZ"])
+    header = ("nodule,confidence,type,mean_axial_diameter_mm,solid_mean_axial_diameter_mm,lung_rads_size_band,"
+              "center_r_mm,center_a_mm,center_s_mm\n")
+    (tmp_path / "LIDC-IDRI-0001_nodules.csv").write_text(header + f"N1,0.9,solid,24.4,24.1,4B,{r},{a},{s}\n")
+    (tmp_path / f"{clusters[1]['seriesuid']}_nodules.csv").write_text(header + f"N1,0.4,solid,5,5,2,{r},{a},{s}\n")
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        script.lidc_types(shared_data, tmp_path)
+    lines = printed.getvalue().splitlines()[1:]
+    assert len(lines) == len(clusters) == 5
+    assert lines[0].strip() == ("LIDC-IDRI-0001, 33 mm, 4 readers, texture [4, 5, 5, 5]: solid, 24.4 mm (solid part "
+                                "24.1 mm), band 4B, confidence 0.9")
+    assert all(line.startswith("  LIDC-IDRI-0003") and line.endswith("no finding") for line in lines[1:])
+    assert "texture [5, 5, 5, 5]" in printed.getvalue() and "1 readers, texture [1]" in printed.getvalue()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -79,6 +80,69 @@ def lidc_reference(shared: Path, output: Path, min_readers: int) -> Tuple[Path, 
     return annotations, excluded
 
 
+def lidc_reader_textures(shared: Path) -> Dict[Tuple[str, int, str], int]:
+    """(patient, reader, nodule ID) -> that reader's texture rating of the nodule in the LIDC XML (1 non-solid or
+    ground glass, 3 part solid, 5 solid); readers are numbered in the order of their reading sessions, as in
+    reads.csv."""
+    textures = {}
+    for path in sorted((shared / "lidc").glob("LIDC-IDRI-*.xml")):
+        root = ElementTree.parse(path).getroot()
+        namespace = root.tag[:root.tag.index("}") + 1] if root.tag.startswith("{") else ""
+        for reader, session in enumerate(root.iter(f"{namespace}readingSession")):
+            for nodule in session.iter(f"{namespace}unblindedReadNodule"):
+                texture = nodule.find(f"{namespace}characteristics/{namespace}texture")
+                if texture is not None and texture.text:
+                    textures[(path.stem, reader, nodule.find(f"{namespace}noduleID").text.strip())] = int(texture.text)
+    return textures
+
+
+def lidc_types(shared: Path, findings: Path) -> None:
+    """Prints each LIDC reader cluster beside its most confident finding at ``DEFAULT_CONFIDENCE`` within its
+    radius: the readers' texture ratings (each read of a nodule >= 3 mm counts for the nearest cluster of its series)
+    against the finding's type, mean axial diameter, solid part and Lung-RADS size band: real CT's check of the type."""
+    textures = lidc_reader_textures(shared)
+    with open(shared / "lidc" / "annotations.csv") as file:
+        clusters = list(csv.DictReader(file))
+    with open(shared / "lidc" / "reads.csv") as file:
+        reads = [row for row in csv.DictReader(file) if row["ge3mm"] == "True"]
+    patients = {read["seriesuid"]: read["patient"] for read in reads}
+    centers = [np.array([float(row[axis]) for axis in ("coordX", "coordY", "coordZ")]) for row in clusters]
+    ratings = [[] for _ in clusters]
+    for read in reads:
+        center = np.array([float(read[axis]) for axis in ("wx", "wy", "wz")])
+        nearest = min((index for index, row in enumerate(clusters) if row["seriesuid"] == read["seriesuid"]),
+                      key=lambda index: np.linalg.norm(centers[index] - center))
+        ratings[nearest].append(textures[(read["patient"], int(read["reader"]), read["nodule_id"])])
+    print(f"LIDC reader clusters: the readers' texture (1 ground glass, 3 part solid, 5 solid) and the finding at "
+          f"confidence >= {DEFAULT_CONFIDENCE}:")
+    for cluster, center, rated in zip(clusters, centers, ratings):
+        patient = patients[cluster["seriesuid"]]
+        case = next(path for path in (findings / f"{cluster['seriesuid']}_nodules.csv",
+                                      findings / f"{patient}_nodules.csv") if path.is_file())
+        finding = _most_confident_within(_shown_findings(case), center, float(cluster["approx_max_extent_mm"]) / 2)
+        found = "no finding" if finding is None else (
+            f"{finding['type']}, {finding['mean_axial_diameter_mm']} mm (solid part "
+            f"{finding['solid_mean_axial_diameter_mm']} mm), band {finding['lung_rads_size_band']}, confidence "
+            f"{finding['confidence']}")
+        print(f"  {patient}, {float(cluster['approx_max_extent_mm']):.0f} mm, {cluster['n_readers']} readers, "
+              f"texture {sorted(rated)}: {found}")
+
+
+def _shown_findings(path: Path) -> List[dict]:
+    """The findings of a ``<case>_nodules.csv`` at ``DEFAULT_CONFIDENCE`` or more."""
+    with open(path) as file:
+        return [row for row in csv.DictReader(file) if float(row["confidence"]) >= DEFAULT_CONFIDENCE]
+
+
+def _most_confident_within(findings, center_lps_mm, radius_mm: float) -> Optional[dict]:
+    """The most confident of ``findings`` (rows of a findings CSV, centres in RAS) within ``radius_mm`` of
+    ``center_lps_mm``; None when none is."""
+    within = [row for row in findings
+              if np.linalg.norm(np.array([-float(row["center_r_mm"]), -float(row["center_a_mm"]),
+                                          float(row["center_s_mm"])]) - center_lps_mm) <= radius_mm]
+    return max(within, key=lambda row: float(row["confidence"]), default=None)
+
+
 def synthetic_measurements(truth: Path, findings: Path) -> Path:
     """Each synthetic nodule (``<case>_lesions.csv`` in ``truth``) found at ``DEFAULT_CONFIDENCE`` (its most confident
     finding within its radius, from ``<case>_nodules.csv`` in ``findings``) against its truth: mean axial diameter
@@ -87,19 +151,15 @@ def synthetic_measurements(truth: Path, findings: Path) -> Path:
     rows = []
     for lesions in sorted(truth.glob("*_lesions.csv")):
         uid = lesions.name[:-len("_lesions.csv")]
-        with open(findings / f"{uid}_nodules.csv") as file:
-            shown = [row for row in csv.DictReader(file) if float(row["confidence"]) >= DEFAULT_CONFIDENCE]
-        centers_lps = np.array([[-float(row["center_r_mm"]), -float(row["center_a_mm"]), float(row["center_s_mm"])]
-                                for row in shown]).reshape(-1, 3)
+        shown = _shown_findings(findings / f"{uid}_nodules.csv")
         with open(lesions) as file:
             nodules = [row for row in csv.DictReader(file) if row["kind"] == "nodule"]
         for nodule in nodules:
-            center = [float(nodule[axis]) for axis in ("coordX", "coordY", "coordZ")]
+            center = np.array([float(nodule[axis]) for axis in ("coordX", "coordY", "coordZ")])
             diameter_mm = float(nodule["diameter_mm"])
-            within = np.linalg.norm(centers_lps - center, axis=1) <= diameter_mm / 2
-            if not within.any():
+            finding = _most_confident_within(shown, center, diameter_mm / 2)
+            if finding is None:
                 continue
-            finding = max((row for row, hit in zip(shown, within) if hit), key=lambda row: float(row["confidence"]))
             solid_diameter_mm = float(nodule["solid_diameter_mm"])
             rows.append({"seriesuid": uid, "nodule": finding["nodule"], "diameter_mm": diameter_mm,
                          "type": nodule["type"], "location": nodule["location"], "solid_diameter_mm": solid_diameter_mm,
@@ -172,6 +232,7 @@ def main(argv=None) -> int:
             folder = output / f"lidc-{readers}-readers"
             annotations, excluded = lidc_reference(shared, folder, readers)
             evaluate(annotations, detections, folder, f"LIDC-IDRI-0001/0003, >= {readers} readers", excluded)
+        lidc_types(shared, output / "lidc")
     if args.synthetic:
         folder = output / "synthetic-data"
         cases = datasets.write_synthetic_detection_dataset(folder, args.synthetic, seed=SYNTHETIC_FIRST_SEED,

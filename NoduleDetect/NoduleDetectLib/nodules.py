@@ -6,9 +6,11 @@ of solid tissue) then choose the level of the final half-maximum cut: the solid 
 -400 HU), the ground glass's for a part-solid or ground-glass one (about -730 HU for ground glass at -600 HU). When
 the solid level leaves nothing at the centre, the solid tissue was a neighbour's (the chest wall beside a small
 ground-glass nodule): the ground glass beyond that tissue's blurred rim sets the level, and the cut stays out of the
-rim. Each cut keeps the connected component at the centre after an opening by a ball of 0.3 expected diameters,
-which detaches vessels (what it shaves off within one input pixel comes back), within the lung mask (closed locally
-so that a juxta-pleural nodule stays inside it), which keeps the chest wall out. Back on the input grid, a voxel
+rim. Each cut keeps the connected component at the centre after an opening by a ball of 0.3 expected diameters
+(at most 4 mm), which detaches vessels (what it shaves off within one input pixel comes back), within the lung mask
+(closed locally so that a juxta-pleural nodule stays inside it), which keeps the chest wall out. A cut at the ground
+glass's level ends where the ground glass does (its farthest voxel from the centre): a vessel too thick for the
+opening stays attached to such a cut, and the ground glass tells where the nodule ends. Back on the input grid, a voxel
 belongs to the nodule when it is above the final threshold and the isotropic mask covers a quarter of it at least.
 
 Measurements follow the input grid and its physical geometry: volume from the voxel count, Feret diameters (longest
@@ -38,6 +40,7 @@ SOFT_TISSUE_HU = 0.0  # a solid nodule's level is at least this: blur lowers the
 SOLID_TYPE_MIN_FRACTION = 0.5  # at least this fraction of solid voxels: a solid nodule
 GROUND_GLASS_MAX_SOLID_DIAMETER_MM = 2.5  # a solid component smaller than this (or none): a ground-glass nodule
 SOLID_COMPONENT_OPENING_MM = 1.5  # solid tissue thinner than twice this (vessels) is not a solid component
+NEIGHBOUR_RIM_MM = 3.0  # ... nor solid tissue this close to its surface that goes on this far outside it (a neighbour)
 PARENCHYMA_MAX_HU = -500.0  # lung voxels below this give the background level
 PADDING_BELOW_HU = -1100.0  # ... and above this (scanner padding outside the field of view is not lung)
 MIN_PARENCHYMA_VOXELS = 20
@@ -243,7 +246,12 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
         if not faint.any():
             return nodule, threshold_hu
         return final_cut(half_maximum(float(np.percentile(values[faint], 75))), allowed & beyond_rim)
-    return final_cut(half_maximum(float(np.percentile(values[ground_glass], 75))))
+    nodule, threshold_hu = final_cut(half_maximum(float(np.percentile(values[ground_glass], 75))))
+    # the ground glass reaches the nodule's edge: what lies farther out is a vessel too thick for the opening
+    glass = nodule & _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
+    if glass.any():
+        nodule &= distance_mm <= distance_mm[glass].max()
+    return nodule, threshold_hu
 
 
 def _beyond_solid_rim(solid_tissue: np.ndarray, spacing_mm: float, native_spacing_mm: Sequence[float]) -> np.ndarray:
@@ -399,24 +407,28 @@ def measure_nodule(image: sitk.Image, mask: sitk.Image) -> NoduleMeasurement:
     """Size, density, type, shape and Lung-RADS size band of the nodule in ``mask`` (non-zero = nodule).
 
     ``mask`` lies on ``image``'s voxel grid: full size, or a crop of it such as ``segment_nodule`` returns. The solid
-    component is the largest part of the voxels above SOLID_HU (-300 HU) that is thicker than a vessel (an opening by
-    SOLID_COMPONENT_OPENING_MM): a vessel crossing ground glass is not a solid component. Types: 'solid' when at least
-    SOLID_TYPE_MIN_FRACTION (0.5) of the voxels are above SOLID_HU, or when the nodule is under SMALL_NODULE_MM (8 mm)
-    across (volume-equivalent) with solid voxels at least SMALL_NODULE_MIN_CORE_MM (1.5 mm) across: blur makes a
+    component is the largest part of the voxels above SOLID_HU (-300 HU) that is the nodule's own
+    (``_solid_component``: a vessel crossing ground glass, or the chest wall at its edge, is not). Types: 'solid' when
+    at least SOLID_TYPE_MIN_FRACTION (0.5) of the voxels are above SOLID_HU, or when the nodule is under SMALL_NODULE_MM
+    (8 mm) across (volume-equivalent) with solid voxels at least SMALL_NODULE_MIN_CORE_MM (1.5 mm) across: blur makes a
     small solid nodule look part-solid; otherwise 'ground-glass' when the solid component is under
     GROUND_GLASS_MAX_SOLID_DIAMETER_MM (2.5 mm) across, else 'part-solid'. Diameters are Feret diameters (``_feret``).
     """
-    values = _image_under(image, mask)
+    # the CT around the mask, far enough to see a neighbour's tissue go on beyond NEIGHBOUR_RIM_MM
+    around, under = _image_around(image, mask, NEIGHBOUR_RIM_MM + 2.0 * max(image.GetSpacing()))
+    values = around[under]
     nodule = sitk.GetArrayFromImage(mask) != 0
     if not nodule.any():
         raise InputError("the nodule mask is empty: there is nothing to measure")
+    nodule_around = np.zeros(around.shape, dtype=bool)
+    nodule_around[under] = nodule
     hu = values[nodule].astype(np.float64)
     solid = nodule & (values > SOLID_HU)
     solid_fraction = float(np.count_nonzero(solid)) / hu.size
     volume_mm3 = float(np.count_nonzero(nodule) * np.prod(mask.GetSpacing()))
     longest, short = _axial_diameters(nodule, mask)
     mean_diameter = 0.5 * (longest + short)
-    component_diameter = _mean_axial_diameter(_solid_component(solid, mask.GetSpacing()), mask)
+    component_diameter = _mean_axial_diameter(_solid_component(around, nodule_around, mask.GetSpacing())[under], mask)
     solid_diameter = _mean_axial_diameter(solid, mask)
     nodule_type = _nodule_type(solid_fraction, solid_diameter, component_diameter, volume_mm3)
     solid_mean_diameter = solid_diameter if nodule_type == "solid" else component_diameter
@@ -430,8 +442,9 @@ def measure_nodule(image: sitk.Image, mask: sitk.Image) -> NoduleMeasurement:
         lung_rads_size_category=lung_rads_size_category(nodule_type, mean_diameter, solid_mean_diameter))
 
 
-def _image_under(image: sitk.Image, mask: sitk.Image) -> np.ndarray:
-    """The image voxels under ``mask`` (which must lie on the image grid), as a (z, y, x) array."""
+def _image_around(image: sitk.Image, mask: sitk.Image, margin_mm: float) -> Tuple[np.ndarray, Tuple[slice, ...]]:
+    """The image voxels under ``mask`` (which must lie on the image grid) and within ``margin_mm`` around it (clipped
+    to the image), as a (z, y, x) array, and the slices of that array the mask covers."""
     if not isinstance(image, sitk.Image) or not isinstance(mask, sitk.Image) or image.GetDimension() != 3 \
             or mask.GetDimension() != 3:
         raise InputError("the image and the nodule mask must be 3D SimpleITK images")
@@ -441,19 +454,31 @@ def _image_under(image: sitk.Image, mask: sitk.Image) -> np.ndarray:
                and np.allclose(mask.GetSpacing(), image.GetSpacing(), atol=1e-4)
                and np.allclose(mask.GetDirection(), image.GetDirection(), atol=1e-5))
     stop = start + np.array(mask.GetSize())
-    if not on_grid or np.any(start < 0) or np.any(stop > np.array(image.GetSize())):
+    size = np.array(image.GetSize())
+    if not on_grid or np.any(start < 0) or np.any(stop > size):
         raise InputError("the nodule mask is not on the image grid (a crop of it or the full grid): resample it onto "
                          "the image first")
-    return sitk.GetArrayViewFromImage(image)[start[2]:stop[2], start[1]:stop[1], start[0]:stop[0]]
+    margin = np.ceil(margin_mm / np.array(image.GetSpacing())).astype(int)
+    low, high = np.maximum(start - margin, 0), np.minimum(stop + margin, size)
+    around = sitk.GetArrayViewFromImage(image)[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
+    under = tuple(slice(a - l, b - l) for a, b, l in zip(start[::-1], stop[::-1], low[::-1]))
+    return around, under
 
 
-def _solid_component(solid: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
-    """The largest part of ``solid`` that is thicker than vessels: opened by a ball of SOLID_COMPONENT_OPENING_MM,
-    which takes off the vessels that cross ground glass or run into a solid core."""
+def _solid_component(values: np.ndarray, nodule: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
+    """The largest part of the solid tissue (above SOLID_HU) in ``nodule`` that is its own, on the CT ``values``
+    around it: thicker than a vessel (an opening by a ball of SOLID_COMPONENT_OPENING_MM), and not the edge of a
+    neighbour, solid tissue within NEIGHBOUR_RIM_MM of the nodule's surface that goes on farther than that outside it
+    (a thick vessel beside ground glass, the chest wall under it); what is left must still be thicker than a vessel.
+    A solid core that a vessel runs into keeps what lies deeper in the nodule."""
     sampling = np.asarray(spacing_mm, dtype=float)[::-1]
-    if not solid.any():
-        return solid
-    return _largest_component(_opened(solid, SOLID_COMPONENT_OPENING_MM, sampling))
+    tissue = _opened(values > SOLID_HU, SOLID_COMPONENT_OPENING_MM, sampling)
+    labels, _ = ndimage.label(tissue)
+    outside = tissue & (ndimage.distance_transform_edt(~nodule, sampling=sampling) > NEIGHBOUR_RIM_MM)
+    neighbours = np.isin(labels, np.unique(labels[outside]))
+    rim = ndimage.distance_transform_edt(nodule, sampling=sampling) <= NEIGHBOUR_RIM_MM
+    own = tissue & nodule & ~(neighbours & rim)
+    return _largest_component(_opened(own, SOLID_COMPONENT_OPENING_MM, sampling))
 
 
 def _mean_axial_diameter(mask_array: np.ndarray, mask: sitk.Image) -> float:

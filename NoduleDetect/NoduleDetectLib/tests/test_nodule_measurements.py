@@ -1,7 +1,8 @@
 """Per-nodule segmentation and measurements: phantom nodules (solid, ground glass, juxta-pleural, juxta-vascular)
 against their drawn truth, also on a flipped grid and with a wrong size hint; small ground glass on the chest wall;
-exact answers on synthetic balls (diameters, shape, solid component, type); the Lung-RADS size bands at their edges;
-bad input; LIDC-IDRI-0001."""
+ground glass beside a thick vessel;
+exact answers on synthetic balls (diameters, shape, solid component, type), also beside a thick vessel or the chest
+wall; the Lung-RADS size bands at their edges; bad input; LIDC-IDRI-0001."""
 
 import numpy as np
 import SimpleITK as sitk
@@ -90,6 +91,23 @@ def test_small_juxta_pleural_ground_glass_is_segmented_without_the_chest_wall():
         assert measurement.type == "ground-glass", nodule
 
 
+def test_ground_glass_beside_a_thick_vessel_leaves_the_vessel_out():
+    """A vessel thicker than the opening stays attached to the cut at the ground-glass level; the ground glass shows
+    where the nodule ends (the mask took 15 mm of the vessel on either side before)."""
+    grid = _ball_grid(spacing=(0.7, 0.7, 1.5), size=(90, 90, 40), origin=(0.0, 0.0, 0.0))
+    z, y, x = grid[1]
+    center = (31.5, -31.5, 30.0)
+    nodule = (x - center[0]) ** 2 + (y - center[1]) ** 2 + (z - center[2]) ** 2 <= 8.0 ** 2  # 16 mm
+    vessel = (y - center[1] - 11.0) ** 2 + (z - center[2]) ** 2 <= 5.0 ** 2  # 10 mm thick, 2 mm into the nodule
+    image, _ = _image_and_mask(grid, np.where(vessel, 40, np.where(nodule, -600, -850)), nodule)
+    mask = segment_nodule(image, center, 16.0)
+    full = sitk.GetArrayFromImage(resample_to_reference(mask, image, "nearest")) != 0
+    assert np.count_nonzero(full & vessel & ~nodule) < 0.05 * np.count_nonzero(full)
+    measurement = measure_nodule(image, mask)
+    assert measurement.type == "ground-glass" and measurement.longest_diameter_3d_mm <= 16.0 + 2.0
+    assert abs(measurement.mean_axial_diameter_mm - 16.0) <= 1.5
+
+
 def _ball_grid(spacing=(0.5, 0.5, 0.5), size=(60, 60, 60), origin=(10.0, -20.0, 30.0)):
     """A grid with a y flip, and the (z, y, x) LPS coordinates of its voxel centres."""
     image = sitk.Image(list(size), sitk.sitkInt16)
@@ -153,6 +171,31 @@ def test_measurements_of_synthetic_balls():
     assert elongated.elongation > 2.5 and elongated.sphericity < 0.9  # a 1:3 spheroid: 0.85
     assert abs(elongated.longest_diameter_3d_mm - 18.0) <= 0.75
     assert abs(elongated.longest_axial_diameter_mm - 6.0) <= 0.5
+
+
+def test_the_solid_component_is_the_nodules_own():
+    """Solid tissue at a nodule's edge that goes on outside it (a vessel thicker than the opening, the chest wall) is
+    not its solid component, even where the mask takes some of it in; a vessel running into a solid core does not
+    lengthen the core."""
+    grid = _ball_grid()
+    z, y, x = grid[1]
+    center = (25.0, -35.0, 45.0)
+    distance = np.sqrt((x - center[0]) ** 2 + (y - center[1]) ** 2 + (z - center[2]) ** 2)
+    nodule = distance <= 7.0  # 14 mm of ground glass
+    vessel_along_x = np.sqrt((y - center[1] - 6.5) ** 2 + (z - center[2]) ** 2) <= 2.5  # 5 mm thick, 3 mm inside
+    chest_wall = z >= center[2] + 4.0  # 3 mm inside
+    for neighbour in (vessel_along_x, chest_wall):
+        image, mask = _image_and_mask(grid, np.where(neighbour, 40, np.where(nodule, -600, -850)), nodule)
+        ground_glass = measure_nodule(image, mask)
+        assert ground_glass.type == "ground-glass" and ground_glass.solid_mean_axial_diameter_mm == 0.0
+        assert ground_glass.solid_fraction > 0.05 and ground_glass.lung_rads_size_category == "2"
+
+    core = distance <= 3.5  # 7 mm
+    vessel_into_core = (np.sqrt((y - center[1]) ** 2 + (z - center[2]) ** 2) <= 2.5) & (x >= center[0])
+    image, mask = _image_and_mask(grid, np.where(core | vessel_into_core, 20, np.where(nodule, -600, -850)), nodule)
+    part_solid = measure_nodule(image, mask)
+    assert part_solid.type == "part-solid" and abs(part_solid.solid_mean_axial_diameter_mm - 7.0) <= 1.0
+    assert part_solid.lung_rads_size_category == "4A"  # solid component 6 to < 8 mm, not the 8.75 mm with the vessel
 
 
 def test_lung_rads_size_bands_at_their_edges():
