@@ -7,7 +7,8 @@ Two sets: a synthetic one of generated chest phantoms (3-30 mm nodules: solid, p
 isolated, juxta-pleural and juxta-vascular; vessel trees) in LUNA16 layout, and the real LIDC-IDRI cases of
 ../shared/data/lidc (reader clusters of nodules >= 3 mm; the goal counts those with >= 3 readers). As in LUNA16, a
 detection on what the readers marked but the evaluated set leaves out (a cluster with fewer readers, a nodule under
-3 mm) counts neither as a hit nor as a false positive.
+3 mm) counts neither as a hit nor as a false positive. Measurements are checked too: the synthetic findings against
+the phantoms' truth (size, type, Lung-RADS size band), the LIDC findings' type against the readers' texture ratings.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def _shown_findings(path: Path) -> List[dict]:
         return [row for row in csv.DictReader(file) if float(row["confidence"]) >= DEFAULT_CONFIDENCE]
 
 
-def _most_confident_within(findings, center_lps_mm, radius_mm: float) -> Optional[dict]:
+def _most_confident_within(findings: List[dict], center_lps_mm: np.ndarray, radius_mm: float) -> Optional[dict]:
     """The most confident of ``findings`` (rows of a findings CSV, centres in RAS) within ``radius_mm`` of
     ``center_lps_mm``; None when none is."""
     within = [row for row in findings

@@ -1,8 +1,7 @@
 """Per-nodule segmentation and measurements: phantom nodules (solid, ground glass, juxta-pleural, juxta-vascular)
 against their drawn truth, also on a flipped grid and with a wrong size hint; small ground glass on the chest wall;
-ground glass beside a thick vessel;
-exact answers on synthetic balls (diameters, shape, solid component, type), also beside a thick vessel or the chest
-wall; the Lung-RADS size bands at their edges; bad input; LIDC-IDRI-0001."""
+ground glass beside a thick vessel; exact answers on synthetic balls (diameters, shape, solid component, type), also
+beside a thick vessel or the chest wall; the Lung-RADS size bands at their edges; bad input; LIDC-IDRI-0001."""
 
 import numpy as np
 import SimpleITK as sitk
