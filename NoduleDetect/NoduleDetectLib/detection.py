@@ -32,7 +32,7 @@ from RecognitionCore.progress import Progress, as_progress
 from .candidates import Candidate, find_candidates
 from .classifier import ForestModel
 from .features import candidate_features
-from .nodules import NoduleMeasurement, measure_nodule, segment_nodule
+from .nodules import NoduleMeasurement, axial_pixel_mm, measure_nodule, segment_nodule
 from .patch_classifier import PatchEnsemble, candidate_patches
 
 METHODS = ("classical", "deep", "both")
@@ -49,6 +49,7 @@ MAX_SEARCH_DIAMETER_MM = 40.0   # Lung-RADS calls > 30 mm a mass; LIDC readers o
 FEATURE_MARGIN_MM = 5.0         # context around a candidate's mask for the shell and texture features
 LUNG_BOX_MARGIN_MM = 10.0
 MERGE_MIN_RADIUS_MM = 3.0
+MIN_DIAMETER_TOLERANCE_PIXELS = 0.5  # the minimum diameter holds to within what the pixel grid can tell
 MERGE_MIN_MASK_OVERLAP = 0.3
 EXTENT_MIN_CONFIDENCE = 0.25  # a classical candidate that both the CNN and the forest give 0.5
 PLEURAL_CLOSING_RADIUS_MM = 15.0  # juxta-pleural nodules up to 30 mm wide join the searched lungs
@@ -173,8 +174,8 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
     ``method``: "classical" (no network), "deep" (a detection model of the catalogue: ``detector_id``, default the
     first of ``DEFAULT_DETECTORS`` that is available; ``manifest_dirs``: folders of user catalogue manifests, e.g. a
     model trained with ``cli train detection``) or "both". Findings below ``min_confidence`` (0..1) or with a
-    longest axial diameter below ``min_diameter_mm`` are left out; ``min_confidence=0`` keeps every candidate (for
-    FROC curves).
+    longest axial diameter below ``min_diameter_mm`` by more than the pixels can tell
+    (``smallest_reported_diameter_mm``) are left out; ``min_confidence=0`` keeps every candidate (for FROC curves).
     """
     progress = as_progress(progress)
     if method not in METHODS:
@@ -214,11 +215,19 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
     started = time.perf_counter()
     nodules = [_measured(image, lungs, found, methods) for found, methods in merge_candidates(scored)
                if found.confidence >= min_confidence]
-    nodules = [nodule for nodule in nodules if nodule.diameter_mm >= min_diameter_mm]
+    smallest_mm = smallest_reported_diameter_mm(image, min_diameter_mm)
+    nodules = [nodule for nodule in nodules if nodule.diameter_mm >= smallest_mm]
     seconds["measurements"] = time.perf_counter() - started
     progress.report(1.0, f"{len(nodules)} nodules found")
     return NoduleDetectionResult(nodules, lungs, method, float(min_confidence), candidate_count, seconds,
                                  list(report.warnings) + list(lungs.warnings))
+
+
+def smallest_reported_diameter_mm(image: sitk.Image, min_diameter_mm: float) -> float:
+    """The longest axial diameter a finding needs under a minimum of ``min_diameter_mm``: that minimum less
+    MIN_DIAMETER_TOLERANCE_PIXELS axial pixels of ``image``. A Feret diameter on the pixel grid is exact to about half a
+    pixel: a 3.0 mm nodule covering 2 x 2 pixels of 1.1 mm measures 2.7 mm, and must not be dropped for it."""
+    return float(min_diameter_mm) - MIN_DIAMETER_TOLERANCE_PIXELS * axial_pixel_mm(image)
 
 
 def classical_candidates(image: sitk.Image, lungs_mask: sitk.Image, classifier: CandidateClassifier,

@@ -510,9 +510,15 @@ def _voxel_matrix(mask: sitk.Image) -> np.ndarray:
     return np.array(mask.GetDirection()).reshape(3, 3) * np.array(mask.GetSpacing())[None, :]
 
 
-def _axial_axis(mask: sitk.Image) -> int:
+def _axial_axis(image: sitk.Image) -> int:
     """The grid axis (x=0, y=1, z=2) closest to the patient's superior-inferior axis: its slices are axial."""
-    return int(np.argmax(np.abs(np.array(mask.GetDirection()).reshape(3, 3)[2])))
+    return int(np.argmax(np.abs(np.array(image.GetDirection()).reshape(3, 3)[2])))
+
+
+def axial_pixel_mm(image: sitk.Image) -> float:
+    """The larger pixel size of ``image``'s axial slices: the finest an axial diameter measured on them can tell."""
+    axis = _axial_axis(image)
+    return float(max(spacing for a, spacing in enumerate(image.GetSpacing()) if a != axis))
 
 
 def _axial_diameters(nodule: np.ndarray, mask: sitk.Image) -> Tuple[float, float]:
