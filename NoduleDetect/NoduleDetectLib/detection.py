@@ -49,9 +49,9 @@ MAX_SEARCH_DIAMETER_MM = 40.0   # Lung-RADS calls > 30 mm a mass; LIDC readers o
 FEATURE_MARGIN_MM = 5.0         # context around a candidate's mask for the shell and texture features
 LUNG_BOX_MARGIN_MM = 10.0
 MERGE_MIN_RADIUS_MM = 3.0
-MIN_DIAMETER_TOLERANCE_PIXELS = 0.5  # the minimum diameter holds to within what the pixel grid can tell
 MERGE_MIN_MASK_OVERLAP = 0.3
 EXTENT_MIN_CONFIDENCE = 0.25  # a classical candidate that both the CNN and the forest give 0.5
+MIN_DIAMETER_TOLERANCE_PIXELS = 0.5  # the minimum diameter holds to within what the pixel grid can tell
 PLEURAL_CLOSING_RADIUS_MM = 15.0  # juxta-pleural nodules up to 30 mm wide join the searched lungs
 PLEURAL_CLOSING_BLOCK_MM = 1.5
 
