@@ -1,8 +1,8 @@
 """Train the scorers of NoduleDetect's classical candidates, on generated chest phantoms only (fixed seeds), and write
 them beside the module (NoduleDetect/Resources/Models/): the two candidate CNNs (.pt) and the random forest (JSON).
 
-    .venv/bin/python dev/train_nodule_classifier.py [--network-cases 48] [--small-nodule-cases 48] [--cases 32]
-                                                    [--small-nodule-forest-cases 32] [--network FILE FILE]
+    .venv/bin/python dev/train_nodule_classifier.py [--network-cases 48] [--small-nodule-cases 48] [--cases 48]
+                                                    [--small-nodule-forest-cases 48] [--network FILE FILE]
 
 Stage 1 (the candidate CNNs, on the CT around each candidate) learns from every candidate of its phantoms: the
 first network from phantoms with nodules of every size, the second from the same plus phantoms with many 3-8 mm
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     parser.add_argument("--small-nodule-cases", type=int, default=48)
     parser.add_argument("--iterations", type=int, default=1500,
                         help="training steps of 64 patches of the first CNN (the second: twice as many)")
-    parser.add_argument("--cases", type=int, default=32, help="phantoms for the forest")
-    parser.add_argument("--small-nodule-forest-cases", type=int, default=32,
+    parser.add_argument("--cases", type=int, default=48, help="phantoms for the forest")
+    parser.add_argument("--small-nodule-forest-cases", type=int, default=48,
                         help="phantoms with small nodules for the forest")
     parser.add_argument("--network", type=Path, nargs="+", help="trained candidate CNNs: train the forest only")
     parser.add_argument("--output-dir", type=Path, default=detection.MODELS_DIR)

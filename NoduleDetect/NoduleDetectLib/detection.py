@@ -477,12 +477,13 @@ def nodule_label(number: int) -> str:
 
 def finding_rows(result: NoduleDetectionResult) -> List[dict]:
     """One row per nodule (strongest first) for the results table and the CSV. Centres in RAS, as Slicer shows them.
-    The solid part's mean axial diameter is the size that sets a part-solid nodule's Lung-RADS band."""
+    The solid part's mean axial diameter is the size that sets a part-solid nodule's Lung-RADS band. The confidence
+    keeps the LUNA16 rows' four decimals: a threshold keeps the same findings in both (0.4997 is not 0.5)."""
     rows = []
     for number, nodule in enumerate(result.nodules):
         m = nodule.measurement
         x, y, z = nodule.center_lps_mm
-        rows.append({"nodule": nodule_label(number), "confidence": round(nodule.confidence, 3),
+        rows.append({"nodule": nodule_label(number), "confidence": round(nodule.confidence, 4),
                      "method": "+".join(nodule.methods), "lung": nodule.lung_side, "type": m.type,
                      "longest_axial_diameter_mm": round(m.longest_axial_diameter_mm, 1),
                      "mean_axial_diameter_mm": round(m.mean_axial_diameter_mm, 1),
