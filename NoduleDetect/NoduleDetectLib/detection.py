@@ -52,6 +52,7 @@ MERGE_MIN_RADIUS_MM = 3.0
 MERGE_MIN_MASK_OVERLAP = 0.3
 EXTENT_MIN_CONFIDENCE = 0.25  # a classical candidate that both the CNN and the forest give 0.5
 MIN_DIAMETER_TOLERANCE_PIXELS = 0.5  # the minimum diameter holds to within what the pixel grid can tell
+CONFIDENCE_DECIMALS = 4  # findings CSV and LUNA16 rows alike: a threshold keeps the same findings in both
 PLEURAL_CLOSING_RADIUS_MM = 15.0  # juxta-pleural nodules up to 30 mm wide join the searched lungs
 PLEURAL_CLOSING_BLOCK_MM = 1.5
 
@@ -478,12 +479,12 @@ def nodule_label(number: int) -> str:
 def finding_rows(result: NoduleDetectionResult) -> List[dict]:
     """One row per nodule (strongest first) for the results table and the CSV. Centres in RAS, as Slicer shows them.
     The solid part's mean axial diameter is the size that sets a part-solid nodule's Lung-RADS band. The confidence
-    keeps the LUNA16 rows' four decimals: a threshold keeps the same findings in both (0.4997 is not 0.5)."""
+    has CONFIDENCE_DECIMALS, like the LUNA16 rows (0.4997 is not 0.5)."""
     rows = []
     for number, nodule in enumerate(result.nodules):
         m = nodule.measurement
         x, y, z = nodule.center_lps_mm
-        rows.append({"nodule": nodule_label(number), "confidence": round(nodule.confidence, 4),
+        rows.append({"nodule": nodule_label(number), "confidence": round(nodule.confidence, CONFIDENCE_DECIMALS),
                      "method": "+".join(nodule.methods), "lung": nodule.lung_side, "type": m.type,
                      "longest_axial_diameter_mm": round(m.longest_axial_diameter_mm, 1),
                      "mean_axial_diameter_mm": round(m.mean_axial_diameter_mm, 1),
@@ -508,7 +509,8 @@ def finding_description(row: dict) -> str:
 def luna16_rows(result: NoduleDetectionResult, seriesuid: str) -> List[dict]:
     """LUNA16 submission rows: seriesuid, coordX/Y/Z (LPS mm), probability."""
     return [{"seriesuid": seriesuid, "coordX": round(n.center_lps_mm[0], 2), "coordY": round(n.center_lps_mm[1], 2),
-             "coordZ": round(n.center_lps_mm[2], 2), "probability": round(n.confidence, 4)} for n in result.nodules]
+             "coordZ": round(n.center_lps_mm[2], 2), "probability": round(n.confidence, CONFIDENCE_DECIMALS)}
+            for n in result.nodules]
 
 
 def mask_on_grid(mask: sitk.Image, reference: sitk.Image) -> np.ndarray:
