@@ -1,14 +1,15 @@
 """Nodule candidates: every phantom nodule (solid 4-15 mm, ground glass, juxta-pleural, juxta-vascular) has a candidate
 within its radius, with a bounded number of false candidates; centres in LPS mm also on a flipped grid; an ideal ball
-gives one candidate at its centre and size; bad input and cancel; the reader-confirmed nodule of LIDC-IDRI-0001; the
-searched lungs hold the juxta-pleural nodules that the lung segmentation leaves out."""
+gives one candidate at its centre and size; the pipeline keeps a faint 3.5 mm ground-glass ball; bad input and cancel;
+the reader-confirmed nodule of LIDC-IDRI-0001; the searched lungs hold the juxta-pleural nodules that the lung
+segmentation leaves out."""
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from NoduleDetectLib.candidates import Candidate, find_candidates
-from NoduleDetectLib.detection import lung_mask
+from NoduleDetectLib.detection import blob_candidates, lung_mask
 from RecognitionCore.anatomy import segment_lungs
 from RecognitionCore.errors import Cancelled, InputError
 from RecognitionCore.phantoms import NoduleSpec, make_chest_ct
@@ -125,6 +126,16 @@ def test_an_ideal_ball_gives_one_candidate_at_its_centre_and_size():
         assert np.linalg.norm(np.subtract(candidates[0].center_lps_mm, center)) < 0.6
         assert abs(candidates[0].diameter_mm - diameter) < 0.25 * diameter
         assert candidates[0].roundness > 0.8
+
+
+def test_the_pipeline_keeps_faint_small_ground_glass():
+    center = (5.3, 12.7, 26.1)
+    image, lungs = _ball_image(3.5, -720.0, center)  # 130 HU above the lung
+    assert find_candidates(image, lungs) == []  # the filter's own default threshold
+    candidates = blob_candidates(image, lungs)
+    assert len(candidates) == 1
+    assert np.linalg.norm(np.subtract(candidates[0].center_lps_mm, center)) < 3.5 / 2
+    assert candidates[0].blob_score < 12.0  # under the pipeline's earlier threshold
 
 
 def test_max_candidates_progress_and_cancel():
