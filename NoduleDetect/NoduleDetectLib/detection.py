@@ -40,8 +40,8 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
 # the candidate CNNs, averaged: trained on nodules of every size, and with many 3-8 mm nodules more
 DEFAULT_PATCH_CLASSIFIERS = (MODELS_DIR / "nodule_candidate_cnn.pt", MODELS_DIR / "nodule_candidate_cnn_small.pt")
 DEFAULT_CLASSIFIER = MODELS_DIR / "nodule_candidate_forest.json"
-# faint small ground glass scores under 12 (a 3.5 mm ball 130 HU above the lung about 10): the
-# filter's own default (20) misses it
+# faint small ground glass scores under 12 (a 3.5 mm ball 130 HU above the lung about 10): the filter's own default
+# (20) misses it
 CANDIDATE_MIN_BLOB_SCORE = 8.0
 MAX_SEGMENTED_CANDIDATES = 200
 # The model zoo bundle when the user has it (python -m monai.bundle download --name lung_nodule_ct_detection), else
