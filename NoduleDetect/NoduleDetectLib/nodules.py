@@ -233,7 +233,8 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
     solid_tissue = values > SOLID_HU
     if not (generous & solid_tissue).any():
         return final_cut(half_maximum(float(np.percentile(values[generous], 75))))
-    ground_glass = _ground_glass(generous, solid_tissue, spacing_mm, native_spacing_mm)
+    beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
+    ground_glass = _ground_glass(generous, solid_tissue, beyond_rim, spacing_mm, native_spacing_mm)
     if ground_glass is None:
         nodule, threshold_hu = final_cut(half_maximum(max(float(np.percentile(values[generous], 95)),
                                                           SOFT_TISSUE_HU)))
@@ -241,14 +242,13 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
             return nodule, threshold_hu
         # nothing at the centre reaches the solid level: the solid tissue in the cut is a neighbour's (the chest
         # wall beside a juxta-pleural ground-glass nodule, a vessel), and the nodule is the ground glass beyond its rim
-        beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
         faint = generous & beyond_rim
         if not faint.any():
             return nodule, threshold_hu
         return final_cut(half_maximum(float(np.percentile(values[faint], 75))), allowed & beyond_rim)
     nodule, threshold_hu = final_cut(half_maximum(float(np.percentile(values[ground_glass], 75))))
     # the ground glass reaches the nodule's edge: what lies farther out is a vessel too thick for the opening
-    glass = nodule & _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
+    glass = nodule & beyond_rim
     if glass.any():
         nodule &= distance_mm <= distance_mm[glass].max()
     return nodule, threshold_hu
@@ -260,7 +260,7 @@ def _beyond_solid_rim(solid_tissue: np.ndarray, spacing_mm: float, native_spacin
     return ndimage.distance_transform_edt(~solid_tissue, sampling=spacing_mm / native) > PARTIAL_VOLUME_RIM_VOXELS
 
 
-def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, spacing_mm: float,
+def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, beyond_rim: np.ndarray, spacing_mm: float,
                   native_spacing_mm: Sequence[float]) -> Optional[np.ndarray]:
     """The ground glass in the generous cut: what lies beyond the rim of solid tissue (the nodule's, the vessels',
     the chest wall's: ``_beyond_solid_rim``); None when there is too little of it to be more than the blurred rim of
@@ -273,7 +273,7 @@ def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, spacing_mm: fl
     voxel_mm3 = spacing_mm ** 3
     if _equivalent_diameter_mm(np.count_nonzero(generous) * voxel_mm3) < SMALL_NODULE_MM:
         return None
-    ground_glass = generous & _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
+    ground_glass = generous & beyond_rim
     solid = generous & solid_tissue
     axis = int(np.argmax(native_spacing_mm[::-1]))
     area = solid.sum(axis=tuple(a for a in range(3) if a != axis))
