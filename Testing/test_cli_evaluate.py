@@ -184,3 +184,11 @@ def test_lidc_types_set_the_readers_texture_beside_each_finding(tmp_path, shared
                                 "24.1 mm), band 4B, confidence 0.9")
     assert all(line.startswith("  LIDC-IDRI-0003") and line.endswith("no finding") for line in lines[1:])
     assert "texture [5, 5, 5, 5]" in printed.getvalue() and "1 readers, texture [1]" in printed.getvalue()
+
+
+def test_the_nodule_evaluation_says_when_it_finds_no_lidc_cases(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "dev"))
+    import evaluate_nodule_detection as script
+
+    assert script.main(["--synthetic", "0", "--shared", str(tmp_path), "--output", str(tmp_path / "out")]) == 1
+    assert f"No LIDC cases in {tmp_path / 'lidc'}" in capsys.readouterr().err

@@ -234,6 +234,11 @@ def main(argv=None) -> int:
             annotations, excluded = lidc_reference(shared, folder, readers)
             evaluate(annotations, detections, folder, f"LIDC-IDRI-0001/0003, >= {readers} readers", excluded)
         lidc_types(shared, output / "lidc")
+    else:
+        print(f"No LIDC cases in {shared / 'lidc'} (no annotations.csv there): the LIDC evaluation is skipped. "
+              "--shared names the folder that holds lidc/.", file=sys.stderr)
+        if not args.synthetic:
+            return 1
     if args.synthetic:
         folder = output / "synthetic-data"
         cases = datasets.write_synthetic_detection_dataset(folder, args.synthetic, seed=SYNTHETIC_FIRST_SEED,
