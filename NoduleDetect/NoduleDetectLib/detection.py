@@ -360,21 +360,34 @@ def merge_candidates(scored: Sequence[ScoredCandidate]) -> List[Tuple[ScoredCand
 
     The finding keeps the highest confidence, and the largest mask (with its centre and size) among its candidates
     of at least ``EXTENT_MIN_CONFIDENCE``: candidates on one mass segment parts of it, and the report must measure
-    the whole mass, not its most confident part. Below that confidence a larger mask is more likely a leak.
+    the whole mass, not its most confident part. Below that confidence a larger mask is more likely a leak. A mask
+    that grows so can come to cover findings kept before it grew (the ground-glass rim of a part-solid mass, seeded
+    beside its solid part): the findings are merged again, the same way, until no two are one.
     """
+    findings = [(candidate, {candidate.method}) for candidate in sorted(scored, key=lambda row: -row.confidence)
+                if sitk.GetArrayViewFromImage(candidate.mask).any()]  # an empty mask: nothing brighter than the lung
+    grew = True
+    while grew:
+        findings, grew = _merged_once(findings)
+    return [(candidate, tuple(sorted(methods))) for candidate, methods in findings]
+
+
+def _merged_once(ranked: Sequence[Tuple[ScoredCandidate, set]]) -> Tuple[List[Tuple[ScoredCandidate, set]], bool]:
+    """One pass of ``merge_candidates`` over (candidate, methods), most confident first; and whether a finding took a
+    larger mask (without one, every pair of findings was compared with its final masks, and the merge is done)."""
     kept: List[Tuple[ScoredCandidate, set]] = []
-    for candidate in sorted(scored, key=lambda row: -row.confidence):
-        if not sitk.GetArrayViewFromImage(candidate.mask).any():
-            continue  # nothing brighter than the lung at the centre
-        for number, (other, methods) in enumerate(kept):
+    grew = False
+    for candidate, methods in ranked:
+        for number, (other, other_methods) in enumerate(kept):
             if _same_finding(candidate, other):
-                methods.add(candidate.method)
+                other_methods |= methods
                 if candidate.confidence >= EXTENT_MIN_CONFIDENCE and _voxels(candidate.mask) > _voxels(other.mask):
-                    kept[number] = (replace(candidate, confidence=other.confidence), methods)
+                    kept[number] = (replace(candidate, confidence=other.confidence), other_methods)
+                    grew = True
                 break
         else:
-            kept.append((candidate, {candidate.method}))
-    return [(candidate, tuple(sorted(methods))) for candidate, methods in kept]
+            kept.append((candidate, set(methods)))
+    return kept, grew
 
 
 def _voxels(mask: sitk.Image) -> int:
