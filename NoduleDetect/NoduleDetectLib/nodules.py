@@ -233,8 +233,13 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
     solid_tissue = values > SOLID_HU
     if not (generous & solid_tissue).any():
         return final_cut(half_maximum(float(np.percentile(values[generous], 75))))
-    beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
-    ground_glass = _ground_glass(generous, solid_tissue, beyond_rim, spacing_mm, native_spacing_mm)
+    # a nodule small altogether (generous cut under SMALL_NODULE_MM across) has no ground glass of its own: there the
+    # blur of a solid nodule cannot be told from a thin rim of ground glass (and Lung-RADS puts a part-solid nodule
+    # under 6 mm in the solid nodule's lowest band anyway); its solid tissue's rim is mapped only when the cut needs it
+    beyond_rim = ground_glass = None
+    if _equivalent_diameter_mm(np.count_nonzero(generous) * spacing_mm ** 3) >= SMALL_NODULE_MM:
+        beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
+        ground_glass = _ground_glass(generous, solid_tissue, beyond_rim, native_spacing_mm)
     if ground_glass is None:
         nodule, threshold_hu = final_cut(half_maximum(max(float(np.percentile(values[generous], 95)),
                                                           SOFT_TISSUE_HU)))
@@ -242,6 +247,8 @@ def _segment_on_grid(values: np.ndarray, lungs: Optional[np.ndarray], distance_m
             return nodule, threshold_hu
         # nothing at the centre reaches the solid level: the solid tissue in the cut is a neighbour's (the chest
         # wall beside a juxta-pleural ground-glass nodule, a vessel), and the nodule is the ground glass beyond its rim
+        if beyond_rim is None:
+            beyond_rim = _beyond_solid_rim(solid_tissue, spacing_mm, native_spacing_mm)
         faint = generous & beyond_rim
         if not faint.any():
             return nodule, threshold_hu
@@ -260,19 +267,14 @@ def _beyond_solid_rim(solid_tissue: np.ndarray, spacing_mm: float, native_spacin
     return ndimage.distance_transform_edt(~solid_tissue, sampling=spacing_mm / native) > PARTIAL_VOLUME_RIM_VOXELS
 
 
-def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, beyond_rim: np.ndarray, spacing_mm: float,
+def _ground_glass(generous: np.ndarray, solid_tissue: np.ndarray, beyond_rim: np.ndarray,
                   native_spacing_mm: Sequence[float]) -> Optional[np.ndarray]:
-    """The ground glass in the generous cut: what lies beyond the rim of solid tissue (the nodule's, the vessels',
+    """The ground glass in the generous cut: what lies ``beyond_rim`` of solid tissue (the nodule's, the vessels',
     the chest wall's: ``_beyond_solid_rim``); None when there is too little of it to be more than the blurred rim of
     a solid nodule.
 
     Only the slices through the middle of the solid part (at least half its largest cross-section) decide, where a
-    ground-glass rim is widest and the slice thickness blurs least. A nodule that is small altogether (generous cut
-    under SMALL_NODULE_MM across) has none: there the blur of a solid nodule cannot be told from a thin rim of
-    ground glass (and Lung-RADS puts a part-solid nodule under 6 mm in the solid nodule's lowest band anyway)."""
-    voxel_mm3 = spacing_mm ** 3
-    if _equivalent_diameter_mm(np.count_nonzero(generous) * voxel_mm3) < SMALL_NODULE_MM:
-        return None
+    ground-glass rim is widest and the slice thickness blurs least."""
     ground_glass = generous & beyond_rim
     solid = generous & solid_tissue
     axis = int(np.argmax(native_spacing_mm[::-1]))
