@@ -469,17 +469,31 @@ def _image_around(image: sitk.Image, mask: sitk.Image, margin_mm: float) -> Tupl
 
 def _solid_component(values: np.ndarray, nodule: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:
     """The largest part of the solid tissue (above SOLID_HU) in ``nodule`` that is its own, on the CT ``values``
-    around it: thicker than a vessel (an opening by a ball of SOLID_COMPONENT_OPENING_MM), and not the edge of a
-    neighbour, solid tissue within NEIGHBOUR_RIM_MM of the nodule's surface that goes on farther than that outside it
-    (a thick vessel beside ground glass, the chest wall under it); what is left must still be thicker than a vessel.
-    A solid core that a vessel runs into keeps what lies deeper in the nodule."""
+    around it: thicker than a vessel (an opening by a ball of SOLID_COMPONENT_OPENING_MM), and not a neighbour's.
+
+    A neighbour is solid tissue that goes on farther than NEIGHBOUR_RIM_MM outside the nodule (a vessel, the chest
+    wall). None of it within NEIGHBOUR_RIM_MM of the nodule's surface is the nodule's; deeper in, only what is thicker
+    than the neighbour where it leaves the nodule: a solid core that a vessel runs into stays, a vessel that crosses
+    ground glass (no thicker inside than outside) is not a solid part. What is left must still be thicker than a
+    vessel."""
     sampling = np.asarray(spacing_mm, dtype=float)[::-1]
     tissue = _opened(values > SOLID_HU, SOLID_COMPONENT_OPENING_MM, sampling)
     labels, _ = ndimage.label(tissue)
-    outside = tissue & (ndimage.distance_transform_edt(~nodule, sampling=sampling) > NEIGHBOUR_RIM_MM)
-    neighbours = np.isin(labels, np.unique(labels[outside]))
+    outside_mm = ndimage.distance_transform_edt(~nodule, sampling=sampling)  # 0 in the nodule
+    neighbours = np.unique(labels[tissue & (outside_mm > NEIGHBOUR_RIM_MM)])
     rim = ndimage.distance_transform_edt(nodule, sampling=sampling) <= NEIGHBOUR_RIM_MM
-    own = tissue & nodule & ~(neighbours & rim)
+    own = tissue & nodule & ~(np.isin(labels, neighbours) & rim)
+    crossing = np.intersect1d(neighbours, labels[own])
+    if crossing.size:
+        tissue_radius_mm = ndimage.distance_transform_edt(tissue, sampling=sampling)
+        # the band the neighbour leaves through: its first voxel outside the nodule is at most a voxel step away
+        band_mm = max(NEIGHBOUR_RIM_MM, float(sampling.max()))
+        for label in crossing:
+            neighbour = labels == label
+            leaving = neighbour & (outside_mm > 0) & (outside_mm <= band_mm)
+            deep_part = own & neighbour
+            own &= ~deep_part
+            own |= _opened(deep_part, float(tissue_radius_mm[leaving].max()), sampling)
     return _largest_component(_opened(own, SOLID_COMPONENT_OPENING_MM, sampling))
 
 

@@ -174,8 +174,8 @@ def test_measurements_of_synthetic_balls():
 
 def test_the_solid_component_is_the_nodules_own():
     """Solid tissue at a nodule's edge that goes on outside it (a vessel thicker than the opening, the chest wall) is
-    not its solid component, even where the mask takes some of it in; a vessel running into a solid core does not
-    lengthen the core."""
+    not its solid component, even where the mask takes some of it in, nor is a vessel that crosses the ground glass;
+    a vessel running into a solid core does not lengthen the core."""
     grid = _ball_grid()
     z, y, x = grid[1]
     center = (25.0, -35.0, 45.0)
@@ -183,7 +183,8 @@ def test_the_solid_component_is_the_nodules_own():
     nodule = distance <= 7.0  # 14 mm of ground glass
     vessel_along_x = np.sqrt((y - center[1] - 6.5) ** 2 + (z - center[2]) ** 2) <= 2.5  # 5 mm thick, 3 mm inside
     chest_wall = z >= center[2] + 4.0  # 3 mm inside
-    for neighbour in (vessel_along_x, chest_wall):
+    vessel_across = np.sqrt((y - center[1]) ** 2 + (z - center[2]) ** 2) <= 2.0  # 4 mm thick, through the middle
+    for neighbour in (vessel_along_x, chest_wall, vessel_across):
         image, mask = _image_and_mask(grid, np.where(neighbour, 40, np.where(nodule, -600, -850)), nodule)
         ground_glass = measure_nodule(image, mask)
         assert ground_glass.type == "ground-glass" and ground_glass.solid_mean_axial_diameter_mm == 0.0
