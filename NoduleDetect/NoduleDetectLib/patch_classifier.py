@@ -15,7 +15,6 @@ code): ``format``, ``format_version``, the patch geometry it was trained for, ``
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Union
 
@@ -167,7 +166,7 @@ def train_patch_network(patches: np.ndarray, labels: Sequence, iterations: int =
                         positive_share: float = 0.25, seed: int = 0, description: str = "") -> PatchClassifier:
     """A ``PatchClassifier`` trained with AdamW and a one-cycle schedule; each batch holds ``positive_share``
     positives (nodules are a few hundred among tens of thousands of candidates), augmented by random shifts, flips and
-    in-plane swaps. Deterministic for a given seed on one machine."""
+    in-plane swaps. Deterministic for a given seed on one machine, and so is the saved file (no training time in it)."""
     import torch
     from torch import nn
 
@@ -183,7 +182,6 @@ def train_patch_network(patches: np.ndarray, labels: Sequence, iterations: int =
     loss_function = nn.BCEWithLogitsLoss()
     positives, negatives = np.flatnonzero(labels), np.flatnonzero(~labels)
     n_positive = max(1, int(round(batch_size * positive_share)))
-    started = time.time()
     network.train()
     for _ in range(iterations):
         chosen = np.concatenate([rng.choice(positives, n_positive), rng.choice(negatives, batch_size - n_positive)])
@@ -195,8 +193,7 @@ def train_patch_network(patches: np.ndarray, labels: Sequence, iterations: int =
         schedule.step()
     metadata = {"description": description, "training": {
         "library": f"torch {torch.__version__}", "n_samples": int(labels.size), "n_positive": int(labels.sum()),
-        "iterations": iterations, "batch_size": batch_size, "positive_share": positive_share, "seed": seed,
-        "seconds": round(time.time() - started)}}
+        "iterations": iterations, "batch_size": batch_size, "positive_share": positive_share, "seed": seed}}
     return PatchClassifier(network, metadata)
 
 

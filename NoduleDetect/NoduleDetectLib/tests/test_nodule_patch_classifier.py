@@ -81,7 +81,7 @@ def test_shipped_networks_score_nodules_above_vessels_and_the_ensemble_averages_
     assert_raises(InputError, PatchEnsemble, [], match="at least one network")
 
 
-def test_training_learns_balls_from_tubes_and_the_file_round_trips(tmp_path):
+def test_training_learns_balls_from_tubes_and_the_file_round_trips_and_repeats(tmp_path):
     rng = np.random.default_rng(0)
     patches, labels = _ball_and_tube_patches(160, rng)
     network = train_patch_network(patches[:120], labels[:120], iterations=120, batch_size=16, positive_share=0.5,
@@ -91,6 +91,11 @@ def test_training_learns_balls_from_tubes_and_the_file_round_trips(tmp_path):
     loaded = PatchClassifier.load(network.save(tmp_path / "cnn.pt"))
     assert np.allclose(loaded.predict_proba(patches[120:]), held_out, atol=1e-6)
     assert loaded.metadata["description"] == "balls and tubes" and loaded.metadata["training"]["n_positive"] == 60
+    # the same training writes the same bytes: the shipped files can be checked against a rerun of the script
+    again = train_patch_network(patches[:120], labels[:120], iterations=120, batch_size=16, positive_share=0.5,
+                                description="balls and tubes")
+    (tmp_path / "again").mkdir()
+    assert again.save(tmp_path / "again" / "cnn.pt").read_bytes() == (tmp_path / "cnn.pt").read_bytes()
 
 
 def test_bad_network_files_and_input_are_refused(tmp_path):
