@@ -757,8 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     nodules.add_argument("--min-confidence", type=float, default=0.5, help="0..1 (default 0.5; 0 keeps every "
                                                                            "candidate, for FROC curves)")
     nodules.add_argument("--min-diameter-mm", type=float, default=3.0,
-                         help="smallest longest axial diameter reported, to within half a pixel (default 3; a 3 mm "
-                              "nodule covering 2 x 2 pixels of 1.1 mm measures 2.7 mm)")
+                         help="smallest longest axial diameter reported, to within a pixel (default 3; a 3 mm nodule "
+                              "covering 2 x 2 pixels of 1.1 mm measures 2.1 mm)")
     nodules.add_argument("--detector", help="catalogue id of the detection model for --method deep/both")
     nodules.add_argument("--manifest-dir", action="append", help="folder with additional catalogue JSON files")
     nodules.add_argument("--device", default="auto")

@@ -32,7 +32,7 @@ from RecognitionCore.progress import Progress, as_progress
 from .candidates import Candidate, find_candidates
 from .classifier import ForestModel
 from .features import candidate_features
-from .nodules import NoduleMeasurement, axial_pixel_mm, measure_nodule, segment_nodule
+from .nodules import NoduleMeasurement, axial_pixel_mm, image_around, measure_nodule, segment_nodule
 from .patch_classifier import PatchEnsemble, candidate_patches
 
 METHODS = ("classical", "deep", "both")
@@ -53,7 +53,7 @@ LUNG_BOX_MARGIN_MM = 10.0
 MERGE_MIN_RADIUS_MM = 3.0
 MERGE_MIN_MASK_OVERLAP = 0.3
 EXTENT_MIN_CONFIDENCE = 0.25  # a classical candidate that both the CNN and the forest give 0.5
-MIN_DIAMETER_TOLERANCE_PIXELS = 0.5  # the minimum diameter holds to within what the pixel grid can tell
+MIN_DIAMETER_TOLERANCE_PIXELS = 1.0  # the minimum diameter holds to within what the pixel grid can tell
 CONFIDENCE_DECIMALS = 4  # findings CSV and LUNA16 rows alike: a threshold keeps the same findings in both
 PLEURAL_CLOSING_RADIUS_MM = 15.0  # juxta-pleural nodules up to 30 mm wide join the searched lungs
 PLEURAL_CLOSING_BLOCK_MM = 1.5
@@ -228,8 +228,8 @@ def detect_nodules(image: sitk.Image, method: str = "classical", min_confidence:
 
 def smallest_reported_diameter_mm(image: sitk.Image, min_diameter_mm: float) -> float:
     """The longest axial diameter a finding needs under a minimum of ``min_diameter_mm``: that minimum less
-    MIN_DIAMETER_TOLERANCE_PIXELS axial pixels of ``image``. A Feret diameter on the pixel grid is exact to about half a
-    pixel: a 3.0 mm nodule covering 2 x 2 pixels of 1.1 mm measures 2.7 mm, and must not be dropped for it."""
+    MIN_DIAMETER_TOLERANCE_PIXELS axial pixels of ``image``. A Feret diameter on the pixel grid is exact to about a
+    pixel: a 3.0 mm nodule covering 2 x 2 pixels of 1.1 mm measures 2.1 mm, and must not be dropped for it."""
     return float(min_diameter_mm) - MIN_DIAMETER_TOLERANCE_PIXELS * axial_pixel_mm(image)
 
 
@@ -426,28 +426,12 @@ def _hint_mm(diameter_mm: float) -> float:
     return float(np.clip(diameter_mm, 2.0, MAX_SEARCH_DIAMETER_MM))
 
 
-def feature_patch(image: sitk.Image, mask: sitk.Image, margin_mm: float = FEATURE_MARGIN_MM
-                  ) -> Tuple[np.ndarray, np.ndarray]:
-    """The HU patch around a mask (a crop of the image grid) with ``margin_mm`` of context, and the mask on it;
-    (k, j, i) arrays."""
-    spacing = np.array(image.GetSpacing())
-    margin = np.ceil(margin_mm / spacing).astype(int)
-    start = np.array(image.TransformPhysicalPointToIndex(mask.GetOrigin()))
-    low = np.maximum(start - margin, 0)
-    high = np.minimum(start + np.array(mask.GetSize()) + margin, image.GetSize())
-    patch = sitk.GetArrayFromImage(sitk.RegionOfInterest(image, [int(v) for v in high - low],
-                                                         [int(v) for v in low])).astype(np.float32)
-    on_patch = np.zeros(patch.shape, dtype=bool)
-    offset = (start - low)[::-1]
-    size = np.array(mask.GetSize())[::-1]
-    on_patch[tuple(slice(o, o + s) for o, s in zip(offset, size))] = sitk.GetArrayViewFromImage(mask) != 0
-    return patch, on_patch
-
-
 def _features(image: sitk.Image, mask: sitk.Image, candidate: Candidate) -> np.ndarray:
-    patch, on_patch = feature_patch(image, mask)
-    return candidate_features(patch, on_patch, image.GetSpacing(), blob_score=candidate.blob_score,
-                              scale_mm=candidate.scale_mm)
+    around, under = image_around(image, mask, FEATURE_MARGIN_MM)
+    on_patch = np.zeros(around.shape, dtype=bool)
+    on_patch[under] = sitk.GetArrayViewFromImage(mask) != 0
+    return candidate_features(around.astype(np.float32), on_patch, image.GetSpacing(),
+                              blob_score=candidate.blob_score, scale_mm=candidate.scale_mm)
 
 
 def _measured(image: sitk.Image, lungs: LungSegmentation, found: ScoredCandidate, methods: Tuple[str, ...]
