@@ -427,10 +427,8 @@ def _hint_mm(diameter_mm: float) -> float:
 
 
 def _features(image: sitk.Image, mask: sitk.Image, candidate: Candidate) -> np.ndarray:
-    around, under = image_around(image, mask, FEATURE_MARGIN_MM)
-    on_patch = np.zeros(around.shape, dtype=bool)
-    on_patch[under] = sitk.GetArrayViewFromImage(mask) != 0
-    return candidate_features(around.astype(np.float32), on_patch, image.GetSpacing(),
+    around, mask_around, _ = image_around(image, mask, FEATURE_MARGIN_MM)
+    return candidate_features(around.astype(np.float32), mask_around, image.GetSpacing(),
                               blob_score=candidate.blob_score, scale_mm=candidate.scale_mm)
 
 

@@ -417,13 +417,10 @@ def measure_nodule(image: sitk.Image, mask: sitk.Image) -> NoduleMeasurement:
     GROUND_GLASS_MAX_SOLID_DIAMETER_MM (2.5 mm) across, else 'part-solid'. Diameters are Feret diameters (``_feret``).
     """
     # the CT around the mask, far enough to see a neighbour's tissue go on beyond NEIGHBOUR_RIM_MM
-    around, under = image_around(image, mask, NEIGHBOUR_RIM_MM + 2.0 * max(image.GetSpacing()))
-    values = around[under]
-    nodule = sitk.GetArrayFromImage(mask) != 0
+    around, nodule_around, under = image_around(image, mask, NEIGHBOUR_RIM_MM + 2.0 * max(image.GetSpacing()))
+    values, nodule = around[under], nodule_around[under]
     if not nodule.any():
         raise InputError("the nodule mask is empty: there is nothing to measure")
-    nodule_around = np.zeros(around.shape, dtype=bool)
-    nodule_around[under] = nodule
     hu = values[nodule].astype(np.float64)
     solid = nodule & (values > SOLID_HU)
     solid_fraction = float(np.count_nonzero(solid)) / hu.size
@@ -444,9 +441,10 @@ def measure_nodule(image: sitk.Image, mask: sitk.Image) -> NoduleMeasurement:
         lung_rads_size_category=lung_rads_size_category(nodule_type, mean_diameter, solid_mean_diameter))
 
 
-def image_around(image: sitk.Image, mask: sitk.Image, margin_mm: float) -> Tuple[np.ndarray, Tuple[slice, ...]]:
+def image_around(image: sitk.Image, mask: sitk.Image, margin_mm: float
+                 ) -> Tuple[np.ndarray, np.ndarray, Tuple[slice, ...]]:
     """The image voxels under ``mask`` (which must lie on the image grid) and within ``margin_mm`` around it (clipped
-    to the image), as a (z, y, x) array, and the slices of that array the mask covers."""
+    to the image), as a (z, y, x) array; the mask on that array (bool); and the slices of it the mask covers."""
     if not isinstance(image, sitk.Image) or not isinstance(mask, sitk.Image) or image.GetDimension() != 3 \
             or mask.GetDimension() != 3:
         raise InputError("the image and the nodule mask must be 3D SimpleITK images")
@@ -464,7 +462,9 @@ def image_around(image: sitk.Image, mask: sitk.Image, margin_mm: float) -> Tuple
     low, high = np.maximum(start - margin, 0), np.minimum(stop + margin, size)
     around = sitk.GetArrayViewFromImage(image)[low[2]:high[2], low[1]:high[1], low[0]:high[0]]
     under = tuple(slice(a - l, b - l) for a, b, l in zip(start[::-1], stop[::-1], low[::-1]))
-    return around, under
+    mask_around = np.zeros(around.shape, dtype=bool)
+    mask_around[under] = sitk.GetArrayViewFromImage(mask) != 0
+    return around, mask_around, under
 
 
 def _solid_component(values: np.ndarray, nodule: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarray:

@@ -179,13 +179,14 @@ def test_axial_diameters_on_a_coarse_grid_are_not_a_voxel_long():
     on average to within a quarter of a pixel. Adding a whole voxel to the width between voxel centres made them
     0.3-0.7 mm too long."""
     rng = np.random.default_rng(7)
+    grid = _ball_grid(spacing=(1.1, 1.1, 2.5), size=(28, 28, 14))
+    z, y, x = grid[1]
     for diameter_mm in (4.0, 8.0, 12.0, 20.0):
         errors = []
         for _ in range(6):
-            grid = _ball_grid(spacing=(1.1, 1.1, 2.5), size=(28, 28, 14))
-            z, y, x = grid[1]
             center = np.array((25.0, -35.0, 45.0)) + rng.uniform(0.0, 1.0, 3) * (1.1, 1.1, 2.5)
-            disc = ((x - center[0]) ** 2 + (y - center[1]) ** 2 <= (diameter_mm / 2.0) ** 2) & (abs(z - center[2]) < 5.0)
+            disc = (((x - center[0]) ** 2 + (y - center[1]) ** 2 <= (diameter_mm / 2.0) ** 2)
+                    & (abs(z - center[2]) < 5.0))
             measurement = measure_nodule(*_image_and_mask(grid, np.where(disc, 30, -850), disc))
             errors.append(measurement.mean_axial_diameter_mm - diameter_mm)
         assert abs(np.mean(errors)) <= 0.25 * 1.1, (diameter_mm, np.round(errors, 2))
