@@ -2,8 +2,9 @@
 
 One click finds nodules: each becomes a labelled point (N1..Nk), a box, a 3D segment and a row of the results table
 (size, volume, mean HU, type, lung, Lung-RADS size band, confidence). Methods: classical (lungs from HU, multi-scale
-Hessian blob candidates scored by a small 3D CNN and a random forest on hand-made features, both shipped: works
-offline on any CT), deep (a RetinaNet-style detection model of the catalogue) or both. The pipeline is in
+Hessian blob candidates scored by two small 3D CNNs and a random forest on hand-made features, plus the peaks of a
+dense nodule centre map for the small nodules the blob filter misses; all shipped: works offline on any CT), deep (a
+RetinaNet-style detection model of the catalogue) or both. The pipeline is in
 NoduleDetectLib (plain images, no MRML); the Logic writes its result into the scene. Logic and Test are Qt-free, so
 they also run outside the Slicer application.
 """
@@ -40,8 +41,8 @@ Finds lung nodules on a chest CT volume. Each nodule appears as a labelled point
 segment, with a row in the results table: diameters, volume, mean HU, solid / part-solid / ground-glass type, lung
 side, Lung-RADS size band (from size only: not a diagnosis) and the detector's confidence. Click a row to centre the
 views on that nodule.
-Methods: classical (no network needed), deep (a detection model from the catalogue, e.g. the MONAI model zoo's
-lung_nodule_ct_detection bundle) or both. For research and review, not a medical device.
+Methods: classical (shipped models only, works offline), deep (a detection model from the catalogue, e.g. the MONAI
+model zoo's lung_nodule_ct_detection bundle) or both. For research and review, not a medical device.
 """
 
 

@@ -11,7 +11,8 @@ planes is reported, cancel raises ``Cancelled`` and leaves GPU memory where it w
 MONAI (float32, AMP) and the runner (input on the device, and staged), all from the same host numpy volume to a host
 label map.
 Then NoduleDetect on the first synthetic evaluation case (a coarse copy with --cpu-smoke): the candidate CNN's
-probabilities and the findings of the whole pipeline (classical and deep) on the GPU are those of the CPU.
+probabilities, the centre map and the findings of the whole pipeline (classical and deep) on the GPU are those of the
+CPU.
 Exits 1 when a check fails, 2 when no working CUDA device was found without --cpu-smoke.
 """
 
@@ -44,6 +45,7 @@ FLOAT32_TOLERANCE = 1e-3  # TF32 off for this check; cuDNN may still pick other 
 AMP_TOLERANCE = 0.1  # float16 windows: ~1e-2 on logits of ~10; a misplaced window would differ by ~1
 MIN_AMP_LABEL_AGREEMENT = 0.999
 NODULE_PROBABILITY_TOLERANCE = 0.01  # TF32 convolutions: ~1e-3 on a probability; another patch would differ by more
+MAP_PROBABILITY_TOLERANCE = 0.02  # float16 (AMP) windows: ~1e-3 on a probability; a shifted map would differ by ~1
 NODULE_CENTER_TOLERANCE_MM = 0.5
 
 failures = []
@@ -160,8 +162,8 @@ def check_cancel(network, volume: np.ndarray, device: torch.device, on_device: b
 
 
 def check_nodule_detection(device: torch.device, coarse: bool) -> None:
-    """The candidate CNN and ``detect_nodules`` (method "both": the CNN and the deep detector) on ``device`` against
-    the CPU, on the first synthetic evaluation case."""
+    """The candidate CNN, the nodule centre map and ``detect_nodules`` (method "both": the networks and the deep
+    detector) on ``device`` against the CPU, on the first synthetic evaluation case."""
     from NoduleDetectLib import detection
     from NoduleDetectLib.patch_classifier import candidate_patches
 
@@ -180,6 +182,11 @@ def check_nodule_detection(device: torch.device, coarse: bool) -> None:
     check(f"candidate CNN on {device} = on the CPU", difference <= NODULE_PROBABILITY_TOLERANCE,
           f"{len(patches)} candidates, largest probability difference {difference:.1e}; "
           f"{seconds['cpu']:.2f} s on the CPU, {seconds[str(device)]:.2f} s on {device}")
+    centre_map = detection.CandidateClassifier.load().centre_map
+    maps = {name: centre_map.predict(image, lungs, name)[0] for name in ("cpu", str(device))}
+    difference = float(np.abs(maps["cpu"] - maps[str(device)]).max())
+    check(f"nodule centre map on {device} = on the CPU", difference <= MAP_PROBABILITY_TOLERANCE,
+          f"{maps['cpu'].size} voxels, largest difference {difference:.1e} (AMP on a GPU)")
     results = {}
     for name in ("cpu", str(device)):
         started = time.perf_counter()

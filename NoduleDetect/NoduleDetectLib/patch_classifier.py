@@ -71,6 +71,46 @@ def candidate_patches(image: sitk.Image, centers_lps_mm: Sequence[Sequence[float
     return patches
 
 
+def _file_header() -> dict:
+    return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_mm": PATCH_MM, "input_mm": INPUT_MM,
+            "patch_spacing_mm": PATCH_SPACING_MM, "hu_range": list(HU_RANGE)}
+
+
+def load_weights_file(path: Union[str, Path], header: dict, network, what: str, script: str) -> dict:
+    """Load the weights file at ``path`` (a ``torch.save`` dictionary of ``header``, ``metadata`` and
+    ``state_dict``, read with ``weights_only``: no pickle code) into ``network``; returns its metadata. ``what`` names
+    the model in the errors, ``script`` is what retrains it. A missing, damaged, foreign or mismatched file is a
+    ``ModelError`` that says which."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"The {what} {path} is missing; reinstall the extension or retrain it with {script}.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise ModelError(f"The {what} {path} cannot be read ({type(error).__name__}: {error}); the file is "
+                         "damaged.") from error
+    found = {key: saved.get(key) for key in header} if isinstance(saved, dict) else {}
+    if found != header:
+        raise ModelError(f"{path} is not a {what} of this version: expected {header}, found {found}.")
+    try:
+        network.load_state_dict(saved["state_dict"])
+    except (KeyError, RuntimeError) as error:
+        raise ModelError(f"The weights in {path} do not fit the {what}: {error}") from error
+    return dict(saved.get("metadata") or {})
+
+
+def save_weights_file(path: Union[str, Path], header: dict, network, metadata: dict) -> Path:
+    """Write what ``load_weights_file`` reads: ``header``, ``metadata`` and the weights. The same network and
+    metadata give the same bytes (no time stamp), so a shipped file can be checked against a rerun."""
+    import torch
+
+    path = Path(path)
+    torch.save({**header, "metadata": metadata, "state_dict": network.state_dict()}, path)
+    return path
+
+
 class PatchClassifier:
     """The trained network and its description; ``predict_proba`` gives each patch's probability of a nodule."""
 
@@ -80,38 +120,13 @@ class PatchClassifier:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "PatchClassifier":
-        import torch
-
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"The nodule candidate network {path} is missing; reinstall the extension or retrain it "
-                             "with dev/train_nodule_classifier.py.")
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises many types for a damaged file
-            raise ModelError(f"The nodule candidate network {path} cannot be read ({type(error).__name__}: "
-                             f"{error}); the file is damaged.") from error
-        expected = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_mm": PATCH_MM,
-                    "input_mm": INPUT_MM, "patch_spacing_mm": PATCH_SPACING_MM, "hu_range": list(HU_RANGE)}
-        found = {key: saved.get(key) for key in expected} if isinstance(saved, dict) else {}
-        if found != expected:
-            raise ModelError(f"{path} is not a nodule candidate network of this version: expected {expected}, "
-                             f"found {found}.")
         network = patch_network()
-        try:
-            network.load_state_dict(saved["state_dict"])
-        except (KeyError, RuntimeError) as error:
-            raise ModelError(f"The weights in {path} do not fit the nodule candidate network: {error}") from error
-        return cls(network, saved.get("metadata"))
+        metadata = load_weights_file(path, _file_header(), network, "nodule candidate network",
+                                     "dev/train_nodule_classifier.py")
+        return cls(network, metadata)
 
     def save(self, path: Union[str, Path]) -> Path:
-        import torch
-
-        path = Path(path)
-        torch.save({"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "patch_mm": PATCH_MM,
-                    "input_mm": INPUT_MM, "patch_spacing_mm": PATCH_SPACING_MM, "hu_range": list(HU_RANGE),
-                    "metadata": self.metadata, "state_dict": self.network.state_dict()}, path)
-        return path
+        return save_weights_file(path, _file_header(), self.network, self.metadata)
 
     def predict_proba(self, patches: np.ndarray, progress: Optional[Progress] = None,
                       device: str = "cpu") -> np.ndarray:

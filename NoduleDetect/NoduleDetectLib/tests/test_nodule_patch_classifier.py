@@ -1,13 +1,14 @@
 """The candidate CNNs: patches sit on their centre in LPS whatever the grid; each shipped network tells a nodule from
-a vessel, and the ensemble gives their mean; training learns balls from tubes and the file round-trips; bad files and
-input are refused."""
+a vessel, and the ensemble gives their mean; training learns balls from tubes and the file round-trips; bad files (of
+the CNNs and of the centre map, which load alike) and input are refused."""
 
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
 from NoduleDetectLib.classifier import roc_auc
-from NoduleDetectLib.detection import DEFAULT_PATCH_CLASSIFIERS
+from NoduleDetectLib.detection import DEFAULT_CENTRE_MAP, DEFAULT_PATCH_CLASSIFIERS
+from NoduleDetectLib.nodule_map import NoduleMap
 from NoduleDetectLib.patch_classifier import (HU_RANGE, PATCH_MM, PatchClassifier, PatchEnsemble, candidate_patches,
                                               train_patch_network)
 from RecognitionCore.errors import InputError, ModelError
@@ -99,21 +100,24 @@ def test_training_learns_balls_from_tubes_and_the_file_round_trips_and_repeats(t
 
 
 def test_bad_network_files_and_input_are_refused(tmp_path):
+    """Both network kinds load through ``load_weights_file``: the candidate CNNs and the nodule centre map."""
     import torch
 
-    assert_raises(ModelError, PatchClassifier.load, tmp_path / "absent.pt", match="missing")
-    damaged = tmp_path / "damaged.pt"
-    damaged.write_bytes(b"not a torch file")
-    assert_raises(ModelError, PatchClassifier.load, damaged, match="damaged")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    assert_raises(ModelError, PatchClassifier.load, foreign, match="not a nodule candidate network")
-    shipped = torch.load(DEFAULT_PATCH_CLASSIFIERS[0], weights_only=True)
-    shipped["state_dict"] = {name: value[..., :1] if value.dim() else value
-                             for name, value in shipped["state_dict"].items()}
-    torn = tmp_path / "torn.pt"
-    torch.save(shipped, torn)
-    assert_raises(ModelError, PatchClassifier.load, torn, match="do not fit")
+    for load, shipped_path, kind in ((PatchClassifier.load, DEFAULT_PATCH_CLASSIFIERS[0], "nodule candidate network"),
+                                     (NoduleMap.load, DEFAULT_CENTRE_MAP, "nodule map network")):
+        assert_raises(ModelError, load, tmp_path / "absent.pt", match="missing")
+        damaged = tmp_path / "damaged.pt"
+        damaged.write_bytes(b"not a torch file")
+        assert_raises(ModelError, load, damaged, match="damaged")
+        foreign = tmp_path / "foreign.pt"
+        torch.save({"state_dict": {}}, foreign)
+        assert_raises(ModelError, load, foreign, match=f"not a {kind}")
+        shipped = torch.load(shipped_path, weights_only=True)
+        shipped["state_dict"] = {name: value[..., :1] if value.dim() else value
+                                 for name, value in shipped["state_dict"].items()}
+        torn = tmp_path / "torn.pt"
+        torch.save(shipped, torn)
+        assert_raises(ModelError, load, torn, match="do not fit")
 
     network = PatchClassifier.load(DEFAULT_PATCH_CLASSIFIERS[0])
     assert_raises(InputError, network.predict_proba, np.zeros((2, 10, 10, 10)), match="candidate patches must be")
