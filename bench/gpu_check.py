@@ -171,7 +171,8 @@ def check_nodule_detection(device: torch.device, coarse: bool) -> None:
     image = first_synthetic_case(coarse_grid if coarse else None).image
     lungs = detection.lung_mask(detection.segment_lungs(image))
     patches = candidate_patches(image, [c.center_lps_mm for c in detection.blob_candidates(image, lungs)])
-    network = detection.CandidateClassifier.load().network
+    models = detection.CandidateClassifier.load()
+    network = models.network
     seconds, probabilities = {}, {}
     for name in ("cpu", str(device)):
         network.predict_proba(patches[:1], device=name)  # warm-up: CUDA context, cuDNN's choice of kernels
@@ -182,8 +183,7 @@ def check_nodule_detection(device: torch.device, coarse: bool) -> None:
     check(f"candidate CNN on {device} = on the CPU", difference <= NODULE_PROBABILITY_TOLERANCE,
           f"{len(patches)} candidates, largest probability difference {difference:.1e}; "
           f"{seconds['cpu']:.2f} s on the CPU, {seconds[str(device)]:.2f} s on {device}")
-    centre_map = detection.CandidateClassifier.load().centre_map
-    maps = {name: centre_map.predict(image, lungs, name)[0] for name in ("cpu", str(device))}
+    maps = {name: models.centre_map.predict(image, lungs, name)[0] for name in ("cpu", str(device))}
     difference = float(np.abs(maps["cpu"] - maps[str(device)]).max())
     check(f"nodule centre map on {device} = on the CPU", difference <= MAP_PROBABILITY_TOLERANCE,
           f"{maps['cpu'].size} voxels, largest difference {difference:.1e} (AMP on a GPU)")

@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from RecognitionCore.anatomy import LungSegmentation, close_with_ball, segment_lungs
 from RecognitionCore.errors import InputError, ModelError
-from RecognitionCore.preprocessing import bounding_box, crop, validate_ct
+from RecognitionCore.preprocessing import ball_mask, bounding_box, crop, validate_ct
 from RecognitionCore.progress import Progress, as_progress
 
 from .candidates import Candidate, find_candidates
@@ -371,15 +371,10 @@ def deep_candidates(image: sitk.Image, lungs_mask: sitk.Image, card, network, de
 
 def _within_ball(mask: sitk.Image, center_lps_mm, diameter_mm: float) -> sitk.Image:
     """The mask without its voxels (centres) further than ``diameter_mm`` / 2 from ``center_lps_mm``."""
-    values = sitk.GetArrayFromImage(mask)
-    kji = np.argwhere(values)
-    direction = np.reshape(mask.GetDirection(), (3, 3))
-    points = np.array(mask.GetOrigin()) + (kji[:, ::-1] * mask.GetSpacing()) @ direction.T
-    outside = np.linalg.norm(points - np.asarray(center_lps_mm), axis=1) > diameter_mm / 2
-    values[tuple(kji[outside].T)] = 0
-    limited = sitk.GetImageFromArray(values)
-    limited.CopyInformation(mask)
-    return limited
+    try:
+        return sitk.And(mask, ball_mask(mask, center_lps_mm, diameter_mm))
+    except InputError:  # no voxel centre of the mask's grid lies within the ball: none is kept
+        return mask * 0
 
 
 def _folded_into(center_lps_mm, diameter_mm: float, finding: ScoredCandidate) -> bool:
